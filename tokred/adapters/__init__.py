@@ -1,0 +1,34 @@
+"""Model-family adapters, one file each; `adapter_for` picks one by the model's class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tokred.adapters.base import Adapter
+from tokred.adapters.llava import LlavaAdapter
+from tokred.adapters.llava_onevision import LlavaOnevisionAdapter
+from tokred.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+from tokred.adapters.qwen2_vl import Qwen2VLAdapter
+from tokred.adapters.qwen3_vl import Qwen3VLAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+)
+BY_CLASS = {name: adapter for adapter in ADAPTERS for name in adapter.model_classes}
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for `model`, or a TypeError listing the supported model classes."""
+    adapter = BY_CLASS.get(type(model).__name__)
+    if adapter is None:
+        raise TypeError(
+            f"tokred does not support {type(model).__name__}; supported model classes: {', '.join(sorted(BY_CLASS))}"
+        )
+    return adapter(model)
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_for"]

@@ -1,0 +1,120 @@
+"""What every adapter answers: where the parts of a VLM are and where its vision tokens sit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokred.methods.base import Span
+from tokred.stages.sequence import Selection
+
+# (token count, token grid) of each image or video of a batch, in order; None: split by contiguous runs.
+Media = list[tuple[int, tuple[int, int, int] | None]] | None
+
+VISION_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+
+
+class Adapter:
+    """Model-family answers. Subclasses set `family` and `model_classes` and override what differs."""
+
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    def outer(self) -> nn.Module:
+        """The module that merges vision features into the embeddings and calls the LLM."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.outer.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def text_config(self) -> Any:
+        return self.language_model.config
+
+    def token_ids(self) -> dict[str, int]:
+        """Placeholder token id per kind of media."""
+        ids = {"image": self.model.config.image_token_id}
+        video = getattr(self.model.config, "video_token_id", None)
+        if video is not None:
+            ids["video"] = video
+        return ids
+
+    def media(self, kind: str, inputs: dict[str, Any]) -> Media:
+        """Token count and grid of each image or video in the batch, where they can be known.
+
+        Counts come from the encoded features when generate() encoded the media ahead of the prefill
+        (transformers >= 5.2x passes `mm_encoder_outputs` and drops the raw inputs), else from the family.
+        """
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get(kind)
+        counts = [len(x) for x in encoded.pooler_output] if encoded is not None else self.token_counts(kind, inputs)
+        if counts is None:
+            return None
+        return list(zip(counts, self.grids(kind, inputs, counts)))
+
+    def token_counts(self, kind: str, inputs: dict[str, Any]) -> list[int] | None:
+        """LLM tokens of each image or video, from the raw inputs; None: not known, split by runs."""
+        return None
+
+    def grids(self, kind: str, inputs: dict[str, Any], counts: list[int]) -> list[tuple[int, int, int] | None]:
+        """The (t, h, w) token grid of each image or video, where the family makes it known."""
+        return [None] * len(counts)
+
+    def install(self) -> list[Callable[[], None]]:
+        """Install what the family needs observed on every call; return the undo callbacks."""
+        return []
+
+    def spans(self, inputs: dict[str, Any]) -> list[list[Span]] | None:
+        """Per-sample image/video spans from the outer model's inputs; None when the call carries no vision."""
+        if not any(inputs.get(k) is not None for k in VISION_INPUTS):
+            return None
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "tokred needs `input_ids` alongside pixel inputs to find each sample's vision tokens; "
+                "pass input_ids rather than inputs_embeds"
+            )
+        spans: list[list[Span]] = [[] for _ in range(input_ids.shape[0])]
+        for kind, token_id in self.token_ids().items():
+            media = self.media(kind, inputs)
+            queue = iter(media or ())
+            for b in range(input_ids.shape[0]):
+                positions = (input_ids[b] == token_id).nonzero()[:, 0]
+                spans[b] += self._split(kind, positions, queue if media is not None else None)
+        for sample in spans:
+            sample.sort(key=lambda s: int(s.positions[0]))
+        return spans
+
+    @staticmethod
+    def _split(kind: str, positions: torch.Tensor, queue) -> list[Span]:
+        """Cut one sample's placeholder positions into media: by known counts, else by contiguous runs."""
+        if queue is None:
+            runs = torch.nonzero(positions.diff() != 1)[:, 0] + 1
+            return [Span(kind, chunk) for chunk in positions.tensor_split(runs.tolist()) if chunk.numel()]
+        out, start = [], 0
+        while start < positions.numel():
+            try:
+                count, grid = next(queue)
+            except StopIteration:
+                raise ValueError(f"more {kind} tokens in input_ids than the {kind} grids account for") from None
+            out.append(Span(kind, positions[start : start + count], grid))
+            start += count
+        return out
+
+    def take_text_kwargs(self, kwargs: dict[str, Any], selection: Selection) -> None:
+        """Cut family-specific LLM inputs that run along the sequence (e.g. Qwen3-VL deepstack), in place."""
+
+    def llm_stage_hooks(self, current: Callable[[], Selection | None]) -> list[Callable[[], None]]:
+        """Install what the llm stage needs beyond layer hooks; return the undo callbacks."""
+        return []

@@ -1,0 +1,57 @@
+"""What the Qwen-VL families share: token grids from `*_grid_thw` after the spatial patch merger.
+
+generate() in newer transformers encodes images before the prefill and drops `*_grid_thw` from the
+forward's inputs, so the adapter also records the grids each `get_*_features` call was given.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from tokred.adapters.base import Adapter
+
+Grid = tuple[int, int, int]
+
+
+class QwenVLAdapter(Adapter):
+    """Qwen2-VL layout; M-RoPE positions arrive computed on the full sequence and are cut with the tokens."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.encoded_grids: dict[str, list[Grid]] = {}
+
+    def _merged(self, grids) -> list[Grid]:
+        merge = self.model.config.vision_config.spatial_merge_size
+        return [(t, h // merge, w // merge) for t, h, w in grids.tolist()]
+
+    def token_counts(self, kind: str, inputs: dict[str, Any]) -> list[int] | None:
+        grids = inputs.get(f"{kind}_grid_thw")
+        return [] if grids is None else [t * h * w for t, h, w in self._merged(grids)]
+
+    def grids(self, kind: str, inputs: dict[str, Any], counts: list[int]) -> list[Grid | None]:
+        given = inputs.get(f"{kind}_grid_thw")
+        grids = self._merged(given) if given is not None else self.encoded_grids.get(kind, [])
+        if [t * h * w for t, h, w in grids] != counts:
+            return [None] * len(counts)
+        return grids
+
+    def install(self) -> list[Callable[[], None]]:
+        outer, undo = self.outer, []
+        for kind in ("image", "video"):
+            name = f"get_{kind}_features"
+            stock = getattr(outer, name)
+            signature = inspect.signature(stock)
+
+            @functools.wraps(stock)  # generate() reads the signature to pick the arguments it passes
+            def recording(*args, _kind=kind, _stock=stock, _signature=signature, **kwargs):
+                grid_thw = _signature.bind_partial(*args, **kwargs).arguments.get(f"{_kind}_grid_thw")
+                if grid_thw is not None:
+                    self.encoded_grids[_kind] = self._merged(grid_thw)
+                return _stock(*args, **kwargs)
+
+            setattr(outer, name, recording)
+            undo.append(lambda name=name: delattr(outer, name))
+        return undo

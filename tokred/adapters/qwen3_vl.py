@@ -1,0 +1,39 @@
+"""Qwen3-VL: video frames split by timestamp text, and deepstack features added to the early LLM layers.
+
+The deepstack features are one row per visual token, so they are cut along with the tokens: before the
+LLM by the pre_llm stage, and inside it by wrapping `_deepstack_process` for the layers after FastV's K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tokred.adapters.qwen import QwenVLAdapter
+from tokred.stages.sequence import Selection
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    family = "qwen3_vl"
+    model_classes = ("Qwen3VLForConditionalGeneration",)
+
+    def take_text_kwargs(self, kwargs: dict[str, Any], selection: Selection) -> None:
+        if kwargs.get("visual_pos_masks") is None:
+            return
+        embeds = kwargs.get("deepstack_visual_embeds") or []
+        kwargs["visual_pos_masks"], cut = selection.take_visual(kwargs["visual_pos_masks"], list(embeds))
+        if kwargs.get("deepstack_visual_embeds") is not None:
+            kwargs["deepstack_visual_embeds"] = cut
+
+    def llm_stage_hooks(self, current: Callable[[], Selection | None]) -> list[Callable[[], None]]:
+        lm = self.language_model
+        stock = lm._deepstack_process
+
+        def deepstack(hidden_states, visual_pos_masks, visual_embeds):
+            selection = current()
+            if selection is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
+                visual_pos_masks, (visual_embeds,) = selection.take_visual(visual_pos_masks, [visual_embeds])
+            return stock(hidden_states, visual_pos_masks, visual_embeds)
+
+        lm._deepstack_process = deepstack
+        return [lambda: delattr(lm, "_deepstack_process")]

@@ -1,0 +1,27 @@
+"""FastV (Chen et al., 2024): after LLM layer K, keep the vision tokens the last text token attends to most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokred.methods.base import Method, VisionTokens, register
+
+
+@register("fastv", stage="llm")
+@dataclass(frozen=True)
+class FastV(Method):
+    """`layer` is K: layers 0..K see every token, layers after K only the kept ones."""
+
+    layer: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"FastV.layer must be an integer >= 0, got {self.layer!r}")
+
+    def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
+        if tokens.scores is None:
+            raise RuntimeError("FastV needs attention scores; it must run in the llm stage")
+        return tokens.scores.topk(k).indices.sort().values

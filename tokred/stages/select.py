@@ -1,0 +1,33 @@
+"""Run a method over every span of a batch and turn its picks into a keep mask."""
+
+from __future__ import annotations
+
+import torch
+
+from tokred.methods.base import Method, Span, VisionTokens
+
+
+def keep_mask(
+    method: Method,
+    spans: list[list[Span]],
+    hidden: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, N) bool: True for every text token and for the vision tokens `method` keeps in each span."""
+    keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    for b, sample in enumerate(spans):
+        for span in sample:
+            n = len(span)
+            if n == 0:
+                continue
+            tokens = VisionTokens(
+                span,
+                hidden[b, span.positions],
+                None if scores is None else scores[b, span.positions],
+            )
+            chosen = method.select(tokens, method.budget(n), generator).to(span.positions.device)
+            dropped = torch.ones(n, dtype=torch.bool, device=span.positions.device)
+            dropped[chosen] = False
+            keep[b, span.positions[dropped]] = False
+    return keep

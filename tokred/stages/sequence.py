@@ -1,0 +1,110 @@
+"""Shortening a batch of sequences consistently: hidden states, positions, masks and later decode steps.
+
+A `Selection` says which positions of each sample survive. Samples may keep different counts; the shorter
+ones are padded to the batch's longest with dropped positions that stay masked out ("filler"), so one
+rectangular tensor carries the batch and no sample attends to anything it dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokred.methods.base import Span
+
+
+@dataclass(frozen=True)
+class Selection:
+    index: torch.Tensor  # (B, M) long, ascending positions into the old sequence
+    kept: torch.Tensor  # (B, M) bool: False for filler
+    key_valid: torch.Tensor  # (B, M) bool: attendable after the cut (False for filler and old padding)
+    has_filler: bool
+    old_len: int
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor, padding_mask: torch.Tensor | None) -> Selection:
+        """Build from a (B, N) bool mask of kept positions and the 2D padding mask the model received."""
+        counts = keep.sum(1)
+        width = int(counts.max())
+        dropped_rank = (~keep).cumsum(1)
+        take = keep | (~keep & (dropped_rank <= (width - counts)[:, None]))
+        index = take.nonzero()[:, 1].view(keep.shape[0], width)
+        kept = keep.gather(1, index)
+        valid = kept if padding_mask is None else kept & padding_mask[:, : keep.shape[1]].bool().gather(1, index)
+        return cls(index, kept, valid, bool((counts < width).any()), keep.shape[1])
+
+    @property
+    def new_len(self) -> int:
+        return self.index.shape[1]
+
+    def take(self, x: torch.Tensor, seq_dim: int, batch_dim: int) -> torch.Tensor:
+        """Gather the kept positions of `x` along `seq_dim`; a size-1 batch dim is broadcast first."""
+        batch = self.index.shape[0]
+        if x.shape[batch_dim] != batch:
+            x = x.expand(*[batch if d == batch_dim % x.ndim else -1 for d in range(x.ndim)])
+        shape = [1] * x.ndim
+        shape[batch_dim], shape[seq_dim] = batch, self.new_len
+        idx = self.index.view(shape).expand(
+            *[self.new_len if d == seq_dim % x.ndim else s for d, s in enumerate(x.shape)]
+        )
+        return x.gather(seq_dim, idx)
+
+    def take_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) -> (B, M, ...)."""
+        return self.take(x, seq_dim=1, batch_dim=0)
+
+    def take_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N), (1, N) or (R, B, N) position ids -> the kept columns, batch made explicit."""
+        return self.take(position_ids, seq_dim=-1, batch_dim=-2)
+
+    def padding_mask(self, mask: torch.Tensor | None, q_len: int, prefill: bool) -> torch.Tensor:
+        """The 2D padding mask after the cut, over the kept positions plus any decode-step columns after them.
+
+        Always a tensor: with no mask at all, transformers would read the gaps in the kept positions as
+        packed sequences.
+        """
+        dtype = mask.dtype if mask is not None else torch.long
+        kept = self.key_valid.to(dtype)
+        if prefill:
+            return kept
+        extra = mask[:, self.old_len :] if mask is not None else kept.new_ones(kept.shape[0], q_len)
+        return torch.cat([kept, extra], dim=1)
+
+    def take_visual(
+        self, visual_pos_masks: torch.Tensor, embeds: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Cut a (B, N) mask of visual positions and the per-visual-token rows that go with it (deepstack)."""
+        rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
+        new_mask = self.take_hidden(visual_pos_masks)
+        rows = self.take_hidden(rank)[new_mask]
+        return new_mask, [e[rows.to(e.device)] for e in embeds]
+
+    def remap(self, spans: list[list[Span]]) -> list[list[Span]]:
+        """The same spans over the new sequence, holding only the positions that survived."""
+        slots = torch.arange(self.new_len, device=self.index.device).expand_as(self.index)
+        new_at = torch.full((self.index.shape[0], self.old_len), -1, dtype=torch.long, device=self.index.device)
+        new_at.scatter_(1, self.index, torch.where(self.kept, slots, -1))
+        out = []
+        for b, sample in enumerate(spans):
+            moved = [new_at[b, span.positions] for span in sample]
+            out.append([Span(s.kind, m[m >= 0], s.grid) for s, m in zip(sample, moved)])
+        return out
+
+
+def attention_mask_for(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A causal mask over the last `q_len` queries in the format `implementation` expects.
+
+    sdpa (and other kernels reading transformers' sdpa format) take a bool (B, 1, q, kv) mask, eager an
+    additive float one, flash attention the 2D key mask. Every query may at least see itself, so a padded
+    row never softmaxes over nothing.
+    """
+    if implementation.startswith("flash"):
+        return key_valid
+    kv = key_valid.shape[1]
+    query_at = torch.arange(kv - q_len, kv, device=key_valid.device)[:, None]
+    keys = torch.arange(kv, device=key_valid.device)[None, :]
+    mask = (key_valid[:, None, None, :] & (keys <= query_at)) | (keys == query_at)
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask

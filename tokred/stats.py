@@ -1,0 +1,47 @@
+"""`Stats`: what the last forward or generate call actually kept, per sample and per stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokred.methods.base import Span
+
+
+@dataclass
+class Stats:
+    """Measured, never nominal.
+
+    vision_tokens: "input", then each stage that ran, mapped to the vision tokens per sample after it.
+    kept_positions: per stage, the positions in `input_ids` of each sample's vision tokens still present.
+    seq_len: LLM layer index -> tokens per sample (padding excluded) from that layer on, where it changes.
+    """
+
+    vision_tokens: dict[str, list[int]] = field(default_factory=dict)
+    kept_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    seq_len: dict[int, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, spans: list[list[Span]] | None, real_tokens: list[int]) -> Stats:
+        stats = cls(seq_len={0: real_tokens})
+        if spans is not None:
+            stats.record(
+                "input",
+                [torch.cat([s.positions for s in sample] or [torch.zeros(0, dtype=torch.long)]) for sample in spans],
+            )
+        return stats
+
+    def record(self, stage: str, positions: list[torch.Tensor]) -> None:
+        self.kept_positions[stage] = [p.sort().values.cpu() for p in positions]
+        self.vision_tokens[stage] = [int(p.numel()) for p in positions]
+
+    def kept_fraction(self) -> list[float]:
+        """Per sample: vision tokens after the last stage over vision tokens in the input."""
+        last = list(self.vision_tokens.values())[-1]
+        return [k / n if n else 1.0 for k, n in zip(last, self.vision_tokens["input"])]
+
+    def __str__(self) -> str:
+        rows = [f"{stage:>8}: {counts}" for stage, counts in self.vision_tokens.items()]
+        rows += [f"layer {layer:>2}: {lengths} tokens" for layer, lengths in sorted(self.seq_len.items())]
+        return "vision tokens per sample\n" + "\n".join(rows)
