@@ -36,11 +36,6 @@ class Stats:
         self.kept_positions[stage] = [p.sort().values.cpu() for p in positions]
         self.vision_tokens[stage] = [int(p.numel()) for p in positions]
 
-    def kept_fraction(self) -> list[float]:
-        """Per sample: vision tokens after the last stage over vision tokens in the input."""
-        last = list(self.vision_tokens.values())[-1]
-        return [k / n if n else 1.0 for k, n in zip(last, self.vision_tokens["input"])]
-
     def __str__(self) -> str:
         rows = [f"{stage:>8}: {counts}" for stage, counts in self.vision_tokens.items()]
         rows += [f"layer {layer:>2}: {lengths} tokens" for layer, lengths in sorted(self.seq_len.items())]

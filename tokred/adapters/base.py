@@ -61,7 +61,7 @@ class Adapter:
         counts = [len(x) for x in encoded.pooler_output] if encoded is not None else self.token_counts(kind, inputs)
         if counts is None:
             return None
-        return list(zip(counts, self.grids(kind, inputs, counts)))
+        return list(zip(counts, self.grids(kind, inputs, counts), strict=True))
 
     def token_counts(self, kind: str, inputs: dict[str, Any]) -> list[int] | None:
         """LLM tokens of each image or video, from the raw inputs; None: not known, split by runs."""

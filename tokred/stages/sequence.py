@@ -88,7 +88,7 @@ class Selection:
         out = []
         for b, sample in enumerate(spans):
             moved = [new_at[b, span.positions] for span in sample]
-            out.append([Span(s.kind, m[m >= 0], s.grid) for s, m in zip(sample, moved)])
+            out.append([Span(s.kind, m[m >= 0], s.grid) for s, m in zip(sample, moved, strict=True)])
         return out
 
 
