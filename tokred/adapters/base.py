@@ -94,7 +94,7 @@ class Adapter:
                 spans[b] += self._split(kind, positions, queue if media is not None else None)
         for sample in spans:
             sample.sort(key=lambda s: int(s.positions[0]))
-        return spans
+        return spans if any(spans) else None
 
     @staticmethod
     def _split(kind: str, positions: torch.Tensor, queue) -> list[Span]:

@@ -89,7 +89,7 @@ class LLMStage:
         spans: list[list[Span]],
         text_mask: torch.Tensor | None,
         seq_len: int,
-        on_cut: Callable[[Selection], None],
+        on_cut: Callable[[Selection | None], None],
     ) -> None:
         """A prefill with vision: remember the spans and mask as the LLM sees them; choose at layer K."""
         self.armed, self.spans, self.text_mask, self.seq_len = True, spans, text_mask, seq_len
@@ -102,9 +102,9 @@ class LLMStage:
         self.armed = False
         self.selection = None
 
-    def step(self, text_mask: torch.Tensor | None) -> None:
-        """A decode step: the mask the LLM received this step, to carry across the cut at layer K+1."""
-        self.text_mask = text_mask
+    def step(self, text_mask: torch.Tensor | None, added: int) -> None:
+        """A decode step: the LLM's mask and how many tokens followed the prefill, to carry across the cut."""
+        self.text_mask, self.added = text_mask, added
         self.pending = True
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
@@ -128,6 +128,9 @@ class LLMStage:
             self.pending = False
             if self.selection is None:
                 self.override = self._cut(hidden, kwargs)
+                if self.selection is None:  # every token stays: leave this call untouched
+                    self.armed = False
+                    return None
                 hidden = self.selection.take_hidden(hidden)
             else:
                 self.override = self._carry(kwargs)
@@ -139,6 +142,9 @@ class LLMStage:
     def _cut(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Prefill: choose the tokens from layer K's scores; the cut mask and rotary embeddings for the rest."""
         keep = keep_mask(self.method, self.spans, hidden, scores=self.scores)
+        if keep.all():
+            self.on_cut(None)
+            return {}
         self.selection = selection = Selection.from_keep(keep, self.text_mask)
         self.on_cut(selection)
         mask = None
@@ -154,7 +160,7 @@ class LLMStage:
     def _carry(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Decode step: the same mask over the shorter cache of the layers after K."""
         selection, cos = self.selection, kwargs["position_embeddings"][0]
-        key_valid = selection.padding_mask(self.text_mask, cos.shape[1], prefill=False).bool()
+        key_valid = selection.padding_mask(self.text_mask, self.added).bool()
         if kwargs.get("attention_mask") is None and not selection.has_filler and bool(key_valid.all()):
             return {}
         return {"attention_mask": attention_mask_for(key_valid, cos.shape[1], self.implementation, cos.dtype)}

@@ -22,19 +22,20 @@ class PreLLMStage:
         self.method, self.adapter = method, adapter
         self.selection: Selection | None = None
 
-    def prefill(self, kwargs: dict[str, Any], spans: list[list[Span]]) -> Selection:
-        """Choose and cut; return the selection so the caller can remap spans and stats."""
+    def prefill(self, kwargs: dict[str, Any], spans: list[list[Span]]) -> Selection | None:
+        """Choose and cut; return the selection (None when every token stays) for the caller's bookkeeping."""
         embeds = kwargs["inputs_embeds"]
         generator = torch.Generator().manual_seed(getattr(self.method, "seed", 0))
-        selection = Selection.from_keep(
-            keep_mask(self.method, spans, embeds, generator=generator), kwargs.get("attention_mask")
-        )
+        keep = keep_mask(self.method, spans, embeds, generator=generator)
+        if keep.all():
+            return None
+        selection = Selection.from_keep(keep, kwargs.get("attention_mask"))
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None]
         kwargs["inputs_embeds"] = selection.take_hidden(embeds)
         kwargs["position_ids"] = selection.take_positions(position_ids)
-        kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"), embeds.shape[1], prefill=True)
+        kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"))
         self.adapter.take_text_kwargs(kwargs, selection)
         self.selection = selection
         return selection
@@ -43,7 +44,8 @@ class PreLLMStage:
         """Carry the cut into a decode step: shorten its mask; fix positions the model derives from the cache."""
         selection = self.selection
         q_len = kwargs["inputs_embeds"].shape[1]
-        kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"), q_len, prefill=False)
+        added = seen - selection.new_len + q_len
+        kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"), added)
         if derive_positions:
             shift = selection.old_len - selection.new_len
             position_ids = kwargs.get("position_ids")

@@ -17,22 +17,25 @@ from tokred.methods.base import Span
 @dataclass(frozen=True)
 class Selection:
     index: torch.Tensor  # (B, M) long, ascending positions into the old sequence
-    kept: torch.Tensor  # (B, M) bool: False for filler
-    key_valid: torch.Tensor  # (B, M) bool: attendable after the cut (False for filler and old padding)
+    key_valid: torch.Tensor  # (B, M) bool: False for filler, the slots that keep the batch rectangular
     has_filler: bool
     old_len: int
 
     @classmethod
     def from_keep(cls, keep: torch.Tensor, padding_mask: torch.Tensor | None) -> Selection:
-        """Build from a (B, N) bool mask of kept positions and the 2D padding mask the model received."""
+        """Build from a (B, N) bool mask of kept positions and the 2D padding mask the model received.
+
+        Padding goes with the dropped tokens: it was masked out anyway, and the batch gets narrower.
+        """
+        if padding_mask is not None:
+            keep = keep & padding_mask[:, : keep.shape[1]].bool()
         counts = keep.sum(1)
         width = int(counts.max())
         dropped_rank = (~keep).cumsum(1)
         take = keep | (~keep & (dropped_rank <= (width - counts)[:, None]))
         index = take.nonzero()[:, 1].view(keep.shape[0], width)
         kept = keep.gather(1, index)
-        valid = kept if padding_mask is None else kept & padding_mask[:, : keep.shape[1]].bool().gather(1, index)
-        return cls(index, kept, valid, bool((counts < width).any()), keep.shape[1])
+        return cls(index, kept, bool((counts < width).any()), keep.shape[1])
 
     @property
     def new_len(self) -> int:
@@ -58,17 +61,16 @@ class Selection:
         """(B, N), (1, N) or (R, B, N) position ids -> the kept columns, batch made explicit."""
         return self.take(position_ids, seq_dim=-1, batch_dim=-2)
 
-    def padding_mask(self, mask: torch.Tensor | None, q_len: int, prefill: bool) -> torch.Tensor:
-        """The 2D padding mask after the cut, over the kept positions plus any decode-step columns after them.
+    def padding_mask(self, mask: torch.Tensor | None, added: int = 0) -> torch.Tensor:
+        """The 2D padding mask after the cut: the kept positions, then the `added` tokens decoded since.
 
         Always a tensor: with no mask at all, transformers would read the gaps in the kept positions as
         packed sequences.
         """
-        dtype = mask.dtype if mask is not None else torch.long
-        kept = self.key_valid.to(dtype)
-        if prefill:
+        kept = self.key_valid.to(mask.dtype if mask is not None else torch.long)
+        if not added:
             return kept
-        extra = mask[:, self.old_len :] if mask is not None else kept.new_ones(kept.shape[0], q_len)
+        extra = mask[:, self.old_len :] if mask is not None else kept.new_ones(kept.shape[0], added)
         return torch.cat([kept, extra], dim=1)
 
     def take_visual(
@@ -84,7 +86,7 @@ class Selection:
         """The same spans over the new sequence, holding only the positions that survived."""
         slots = torch.arange(self.new_len, device=self.index.device).expand_as(self.index)
         new_at = torch.full((self.index.shape[0], self.old_len), -1, dtype=torch.long, device=self.index.device)
-        new_at.scatter_(1, self.index, torch.where(self.kept, slots, -1))
+        new_at.scatter_(1, self.index, torch.where(self.key_valid, slots, -1))
         out = []
         for b, sample in enumerate(spans):
             moved = [new_at[b, span.positions] for span in sample]

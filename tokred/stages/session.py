@@ -11,6 +11,7 @@ from tokred.adapters.base import Adapter
 from tokred.config import Config
 from tokred.stages.llm import SUPPORTED_ATTENTION, LLMStage
 from tokred.stages.pre_llm import PreLLMStage
+from tokred.stages.sequence import Selection
 from tokred.stats import Stats
 
 
@@ -90,9 +91,10 @@ class Session:
         to_input = None
         if self.pre is not None:
             selection = self.pre.prefill(kwargs, spans)
-            spans = selection.remap(spans)
-            to_input = selection.index
-            self.stats.seq_len[0] = selection.key_valid.sum(1).tolist()
+            if selection is not None:
+                spans = selection.remap(spans)
+                to_input = selection.index
+                self.stats.seq_len[0] = selection.key_valid.sum(1).tolist()
             self.stats.record("pre_llm", _positions(spans, to_input))
         if self.llm is not None:
             self.llm.arm(
@@ -102,7 +104,10 @@ class Session:
                 on_cut=lambda selection: self._record_llm(selection, spans, to_input),
             )
 
-    def _record_llm(self, selection, spans, to_input) -> None:
+    def _record_llm(self, selection: Selection | None, spans, to_input) -> None:
+        if selection is None:
+            self.stats.record("llm", _positions(spans, to_input))
+            return
         self.stats.seq_len[self.llm.layer + 1] = selection.key_valid.sum(1).tolist()
         self.stats.record("llm", _positions(selection.remap(spans), to_input, selection.index))
 
@@ -110,7 +115,8 @@ class Session:
         if self.pre is not None and self.pre.selection is not None:
             self.pre.decode(kwargs, seen, self.derive_positions)
         if self.llm is not None and self.llm.armed:
-            self.llm.step(kwargs.get("attention_mask"))
+            q_len = kwargs["inputs_embeds"].shape[1]
+            self.llm.step(kwargs.get("attention_mask"), seen + q_len - self.llm.seq_len)
 
 
 def _positions(spans, *maps: torch.Tensor | None) -> list[torch.Tensor]:

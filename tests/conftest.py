@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny checkpoint per family (built offline by tokred.zoo) and inputs for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from tokred.zoo import FAMILIES, build
+
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def noise_image(seed: int, size: tuple[int, int] = (112, 112)) -> Image.Image:
+    """A deterministic noise picture, so vision tokens differ and attention has something to rank."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@dataclass
+class Tiny:
+    family: str
+    path: str
+    model: PreTrainedModel
+    processor: ProcessorMixin
+
+    def load(self, **kwargs) -> PreTrainedModel:
+        """A fresh copy of the same checkpoint (e.g. with another attn_implementation)."""
+        return AutoModelForImageTextToText.from_pretrained(self.path, **kwargs).eval()
+
+    def prompt(self, *items: str, text: str = "what colour is the small circle?") -> str:
+        content = [{"type": item} for item in items] + [{"type": "text", "text": text}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def image(self, seed: int = 0) -> dict:
+        return self.processor(images=[noise_image(seed)], text=[self.prompt("image")], return_tensors="pt")
+
+    def video(self, frames: int = 8) -> dict:
+        video = [noise_image(100 + i) for i in range(frames)]
+        return self.processor(videos=[video], text=[self.prompt("video")], return_tensors="pt")
+
+    def batch(self) -> dict:
+        """Two samples of different lengths (left padding) with different images."""
+        texts = [self.prompt("image"), self.prompt("image", text="is there a red star in the upper left quadrant?")]
+        images = [noise_image(1), noise_image(2, (84, 140))]
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+    def inputs(self, kind: str) -> dict:
+        return getattr(self, kind)()
+
+
+@pytest.fixture(scope="session")
+def zoo_root(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+def _tiny(family: str, root) -> Tiny:
+    path = build(family, root / family)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    return Tiny(family, str(path), model, AutoProcessor.from_pretrained(path))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request: pytest.FixtureRequest, zoo_root) -> Tiny:
+    return _tiny(request.param, zoo_root)
+
+
+@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+def tiny_video(request: pytest.FixtureRequest, zoo_root) -> Tiny:
+    return _tiny(request.param, zoo_root)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield

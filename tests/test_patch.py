@@ -1,0 +1,235 @@
+"""patch() on every family's tiny checkpoint: identity when idle, exact unpatch, real shortening,
+FastV against an eager-attention reference, pruning equal to masking, no state between calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokred
+from tokred import Config, FastV, Random
+
+IDLE = {
+    "keep=1.0": Config(prune=[Random(keep=1.0), FastV(layer=1, keep=1.0)]),
+    # not idle by config: both stages run, choose every token, and must leave the call untouched
+    "keep_tokens=all": Config(prune=[Random(keep_tokens=10_000), FastV(layer=1, keep_tokens=10_000)]),
+}
+
+
+def run(model, inputs, new_tokens: int = 5):
+    """Logits of a plain forward and greedy generated ids."""
+    logits = model(**inputs).logits
+    ids = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return logits, ids
+
+
+def budget(n: int, keep: float) -> int:
+    return max(1, int(keep * n + 0.5))
+
+
+@pytest.mark.parametrize("kind", ["image", "batch"])
+@pytest.mark.parametrize("idle", list(IDLE))
+def test_idle_patch_is_bit_identical(tiny, kind, idle):
+    inputs = tiny.inputs(kind)
+    logits, ids = run(tiny.model, inputs)
+    with tokred.patched(tiny.model, IDLE[idle]):
+        patched_logits, patched_ids = run(tiny.model, inputs)
+        counts = tokred.stats(tiny.model).vision_tokens
+        assert all(c == counts["input"] for c in counts.values()) and sum(counts["input"]) > 0
+    assert torch.equal(logits, patched_logits)
+    assert torch.equal(ids, patched_ids)
+
+
+@pytest.mark.parametrize("idle", list(IDLE))
+def test_idle_patch_is_bit_identical_on_video(tiny_video, idle):
+    inputs = tiny_video.video()
+    logits, ids = run(tiny_video.model, inputs)
+    with tokred.patched(tiny_video.model, IDLE[idle]):
+        patched_logits, patched_ids = run(tiny_video.model, inputs)
+    assert torch.equal(logits, patched_logits)
+    assert torch.equal(ids, patched_ids)
+
+
+def test_unpatch_restores_and_repatch_repeats(tiny):
+    model, inputs = tiny.model, tiny.batch()
+    def hooks_and_forwards():
+        return {
+            name: (m.forward, dict(m._forward_pre_hooks), dict(m._forward_hooks), sorted(vars(m)))
+            for name, m in model.named_modules()
+        }
+
+    stock = hooks_and_forwards()
+    stock_logits, stock_ids = run(model, inputs)
+
+    tokred.patch(model, "fastv-25")
+    first_logits, first_ids = run(model, inputs)
+    assert first_logits.shape[1] < stock_logits.shape[1]
+    tokred.patch(model, "random-50")  # replaces the previous patch
+    assert tokred.stats(model).vision_tokens == {}  # nothing ran yet under the new patch
+    tokred.unpatch(model)
+
+    assert not hasattr(model, "_tokred_session")
+    assert hooks_and_forwards() == stock
+    for name, module in model.named_modules():
+        if name.endswith("self_attn") and "language_model" in name:
+            assert module.config is model.model.language_model.config, name
+    logits, ids = run(model, inputs)
+    assert torch.equal(logits, stock_logits) and torch.equal(ids, stock_ids)
+
+    with tokred.patched(model, "fastv-25"):
+        again_logits, again_ids = run(model, inputs)
+    assert torch.equal(again_logits, first_logits) and torch.equal(again_ids, first_ids)
+
+
+@pytest.mark.parametrize("method", [Random(keep=0.25), FastV(layer=1, keep=0.25)], ids=["random", "fastv"])
+def test_quarter_keep_counts_and_shrinks_the_llm(tiny, method):
+    model, inputs = tiny.model, tiny.batch()
+    lengths: dict[int, int] = {}
+
+    def record(index):
+        def hook(module, args, output):  # the length each layer actually computed on
+            hidden = output[0] if isinstance(output, tuple) else output
+            lengths.setdefault(index, hidden.shape[1])
+
+        return hook
+
+    hooks = [layer.register_forward_hook(record(i)) for i, layer in enumerate(model.model.language_model.layers)]
+    try:
+        with tokred.patched(model, method):
+            model(**inputs)
+            stats = tokred.stats(model)
+            ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ids.shape == (2, inputs["input_ids"].shape[1] + 4)
+
+    # exact counts: each image keeps floor(n/4 + 1/2) of its n tokens
+    image_id = model.config.image_token_id
+    n = (inputs["input_ids"] == image_id).sum(1).tolist()
+    assert stats.vision_tokens["input"] == n
+    assert stats.vision_tokens[method.stage] == [budget(x, 0.25) for x in n]
+    for b, kept in enumerate(stats.kept_positions[method.stage]):
+        assert bool((inputs["input_ids"][b, kept] == image_id).all())
+
+    full = inputs["input_ids"].shape[1]
+    real = inputs["attention_mask"].sum(1)
+    widest = int((real - torch.tensor(n) + torch.tensor(stats.vision_tokens[method.stage])).max())  # no padding
+    if method.stage == "pre_llm":
+        assert set(lengths.values()) == {widest}
+        assert stats.seq_len == {0: (real - torch.tensor(n) + torch.tensor(stats.vision_tokens["pre_llm"])).tolist()}
+    else:
+        assert [lengths[i] for i in range(method.layer + 1)] == [full] * (method.layer + 1)
+        assert {lengths[i] for i in range(method.layer + 1, len(lengths))} == {widest}
+        assert sorted(stats.seq_len) == [0, method.layer + 1]
+
+
+def _reference_topk(tiny, inputs, layer: int, keep: float) -> list[torch.Tensor]:
+    """FastV by brute force: eager attention weights of the stock model, last real query row, head mean."""
+    eager = tiny.load(attn_implementation="eager")
+    attentions = eager(**inputs, output_attentions=True).attentions[layer]  # (B, H, N, N)
+    image_id = eager.config.image_token_id
+    kept = []
+    for b in range(attentions.shape[0]):
+        scores = attentions[b, :, -1].mean(0)  # left padding: the last row is every sample's last token
+        positions = (inputs["input_ids"][b] == image_id).nonzero()[:, 0]
+        top = scores[positions].topk(budget(len(positions), keep)).indices
+        kept.append(positions[top].sort().values)
+    return kept
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_fastv_keeps_what_eager_attention_ranks_highest(tiny, layer):
+    inputs = tiny.batch()
+    if tiny.family == "llava_onevision":  # several images in one anyres span: keep the comparison per span
+        inputs = tiny.image()
+    with tokred.patched(tiny.model, FastV(layer=layer, keep=0.25)):
+        tiny.model(**inputs)
+        kept = tokred.stats(tiny.model).kept_positions["llm"]
+    reference = _reference_topk(tiny, inputs, layer, 0.25)
+    assert [k.tolist() for k in kept] == [r.tolist() for r in reference]
+
+
+def _stock_positions(model, inputs) -> torch.Tensor:
+    """The position ids the stock model hands its LLM for these inputs."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["pos"] = kwargs.get("position_ids")
+
+    hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    pos = seen["pos"]
+    if pos is None:
+        pos = torch.arange(inputs["input_ids"].shape[1])[None]
+    return pos
+
+
+@pytest.mark.parametrize("preset", ["random-25", "random-50"])
+def test_pruning_equals_masking_through_decoding(tiny, preset):
+    """Dropping tokens before the LLM must equal the stock model with those tokens masked out as keys,
+    at the same positions, for the prefill and every decode step of generate()."""
+    model, inputs = tiny.model, tiny.image()
+    steps = 4
+    with tokred.patched(model, preset):
+        out = model.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        kept = tokred.stats(model).kept_positions["pre_llm"][0]
+    dropped = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    dropped = dropped[~torch.isin(dropped, kept)]
+    assert len(dropped) > 0
+
+    positions = _stock_positions(model, inputs)
+    mask = inputs["attention_mask"].clone()
+    mask[0, dropped] = 0
+    reference = model(**{**inputs, "attention_mask": mask}, position_ids=positions, use_cache=True)
+    cache, ids = reference.past_key_values, out.sequences[:, inputs["input_ids"].shape[1]:]
+    for step in range(steps):
+        assert torch.allclose(out.logits[step], reference.logits[:, -1], atol=1e-4), step
+        assert int(reference.logits[0, -1].argmax()) == int(ids[0, step])
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        reference = model(
+            input_ids=ids[:, step : step + 1], attention_mask=mask, past_key_values=cache,
+            position_ids=positions[..., -1:] + step + 1, use_cache=True,
+        )
+        cache = reference.past_key_values
+
+
+def test_calls_do_not_leak_state(tiny):
+    model = tiny.model
+    first, second = tiny.image(seed=3), tiny.batch()
+    with tokred.patched(model, Config(prune=[Random(keep=0.5), FastV(layer=1, keep=0.5)])):
+        a1 = model.generate(**first, max_new_tokens=4, do_sample=False)
+        stats_first = tokred.stats(model).vision_tokens
+        model.generate(**second, max_new_tokens=4, do_sample=False)
+        assert tokred.stats(model).vision_tokens["input"] == (second["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        a2 = model.generate(**first, max_new_tokens=4, do_sample=False)
+        assert tokred.stats(model).vision_tokens == stats_first
+        # a text-only call in between must not reuse the last image's cut
+        text = tiny.processor(text=[tiny.prompt(text="hello there")], return_tensors="pt")
+        model.generate(**text, max_new_tokens=2, do_sample=False)
+        assert "llm" not in tokred.stats(model).vision_tokens
+    assert torch.equal(a1, a2)
+
+
+def test_multi_turn_conversation(tiny):
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is red?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a star"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and in this one?"}]},
+    ]
+    text = tiny.processor.apply_chat_template(chat, add_generation_prompt=True)
+    from tests.conftest import noise_image
+
+    inputs = tiny.processor(images=[noise_image(7), noise_image(8)], text=[text], return_tensors="pt")
+    with tokred.patched(tiny.model, "fastv-25"):
+        ids = tiny.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        stats = tokred.stats(tiny.model)
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert stats.vision_tokens["input"][0] == int((inputs["input_ids"] == tiny.model.config.image_token_id).sum())
+    assert stats.vision_tokens["llm"][0] < stats.vision_tokens["input"][0]
