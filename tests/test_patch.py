@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import noise_image
 
 import tokred
 from tokred import Config, FastV, Random
@@ -52,6 +53,7 @@ def test_idle_patch_is_bit_identical_on_video(tiny_video, idle):
 
 def test_unpatch_restores_and_repatch_repeats(tiny):
     model, inputs = tiny.model, tiny.batch()
+
     def hooks_and_forwards():
         return {
             name: (m.forward, dict(m._forward_pre_hooks), dict(m._forward_hooks), sorted(vars(m)))
@@ -176,8 +178,12 @@ def test_pruning_equals_masking_through_decoding(tiny, preset):
     steps = 4
     with tokred.patched(model, preset):
         out = model.generate(
-            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         kept = tokred.stats(model).kept_positions["pre_llm"][0]
     dropped = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
@@ -188,14 +194,17 @@ def test_pruning_equals_masking_through_decoding(tiny, preset):
     mask = inputs["attention_mask"].clone()
     mask[0, dropped] = 0
     reference = model(**{**inputs, "attention_mask": mask}, position_ids=positions, use_cache=True)
-    cache, ids = reference.past_key_values, out.sequences[:, inputs["input_ids"].shape[1]:]
+    cache, ids = reference.past_key_values, out.sequences[:, inputs["input_ids"].shape[1] :]
     for step in range(steps):
         assert torch.allclose(out.logits[step], reference.logits[:, -1], atol=1e-4), step
         assert int(reference.logits[0, -1].argmax()) == int(ids[0, step])
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         reference = model(
-            input_ids=ids[:, step : step + 1], attention_mask=mask, past_key_values=cache,
-            position_ids=positions[..., -1:] + step + 1, use_cache=True,
+            input_ids=ids[:, step : step + 1],
+            attention_mask=mask,
+            past_key_values=cache,
+            position_ids=positions[..., -1:] + step + 1,
+            use_cache=True,
         )
         cache = reference.past_key_values
 
@@ -207,7 +216,8 @@ def test_calls_do_not_leak_state(tiny):
         a1 = model.generate(**first, max_new_tokens=4, do_sample=False)
         stats_first = tokred.stats(model).vision_tokens
         model.generate(**second, max_new_tokens=4, do_sample=False)
-        assert tokred.stats(model).vision_tokens["input"] == (second["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        images = (second["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        assert tokred.stats(model).vision_tokens["input"] == images
         a2 = model.generate(**first, max_new_tokens=4, do_sample=False)
         assert tokred.stats(model).vision_tokens == stats_first
         # a text-only call in between must not reuse the last image's cut
@@ -224,8 +234,6 @@ def test_multi_turn_conversation(tiny):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and in this one?"}]},
     ]
     text = tiny.processor.apply_chat_template(chat, add_generation_prompt=True)
-    from tests.conftest import noise_image
-
     inputs = tiny.processor(images=[noise_image(7), noise_image(8)], text=[text], return_tensors="pt")
     with tokred.patched(tiny.model, "fastv-25"):
         ids = tiny.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
