@@ -46,7 +46,7 @@ class Method:
     stage: ClassVar[str]
     name: ClassVar[str]
 
-    keep: float = 1.0
+    keep: float = 0.5
     keep_tokens: int | None = None
 
     def __post_init__(self) -> None:

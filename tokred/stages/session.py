@@ -9,6 +9,7 @@ import torch
 
 from tokred.adapters.base import Adapter
 from tokred.config import Config
+from tokred.methods.base import Method
 from tokred.stages.llm import SUPPORTED_ATTENTION, LLMStage
 from tokred.stages.pre_llm import PreLLMStage
 from tokred.stages.sequence import Selection
@@ -20,14 +21,14 @@ class Session:
 
     def __init__(self, adapter: Adapter, config: Config) -> None:
         self.adapter, self.config = adapter, config
+        if "llm" in config.methods:
+            self._check_llm_stage(config.methods["llm"])
         active = {stage: m for stage, m in config.methods.items() if not m.idle}
         self.pre = PreLLMStage(active["pre_llm"], adapter) if "pre_llm" in active else None
         self.llm = LLMStage(active["llm"], adapter) if "llm" in active else None
         self.spans = None
         self.stats = Stats()
         self._undo: list[Callable[[], None]] = []
-        if self.llm is not None:
-            self._check_llm_stage()
 
     def install(self) -> None:
         self._undo += self.adapter.install()
@@ -42,17 +43,18 @@ class Session:
         while self._undo:
             self._undo.pop()()
 
-    def _check_llm_stage(self) -> None:
+    def _check_llm_stage(self, method: Method) -> None:
         layers = len(self.adapter.layers)
-        if not 0 <= self.llm.layer < layers - 1:
+        if not 0 <= method.layer < layers - 1:
             raise ValueError(
-                f"{type(self.llm.method).__name__}.layer={self.llm.layer} is out of range for this model's "
+                f"{type(method).__name__}.layer={method.layer} is out of range for this model's "
                 f"{layers} LLM layers; allowed: 0 to {layers - 2} (tokens are dropped after layer K)"
             )
-        if self.llm.implementation not in SUPPORTED_ATTENTION:
+        implementation = self.adapter.text_config._attn_implementation
+        if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"the llm stage supports attn_implementation {', '.join(SUPPORTED_ATTENTION)}; "
-                f"this model uses {self.llm.implementation!r}"
+                f"this model uses {implementation!r}"
             )
 
     # -- hooks --------------------------------------------------------------------------------------
