@@ -174,7 +174,26 @@ def _stock_positions(model, inputs) -> torch.Tensor:
 def test_pruning_equals_masking_through_decoding(tiny, preset):
     """Dropping tokens before the LLM must equal the stock model with those tokens masked out as keys,
     at the same positions, for the prefill and every decode step of generate()."""
-    model, inputs = tiny.model, tiny.image()
+    _assert_pruning_equals_masking(tiny.model, tiny.image(), preset, tiny.model.config.image_token_id)
+
+
+def test_video_pruning_equals_masking_through_decoding(tiny_video):
+    model = tiny_video.model
+    _assert_pruning_equals_masking(model, tiny_video.video(), "random-25", model.config.video_token_id)
+
+
+@pytest.mark.parametrize("method", [Random(keep=0.25), FastV(layer=1, keep=0.25)], ids=["random", "fastv"])
+def test_video_keeps_a_quarter_of_its_tokens(tiny_video, method):
+    model, inputs = tiny_video.model, tiny_video.video()
+    with tokred.patched(model, method):
+        ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        stats = tokred.stats(model)
+    n = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    assert stats.vision_tokens == {"input": [n], method.stage: [budget(n, 0.25)]}
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def _assert_pruning_equals_masking(model, inputs, preset: str, token_id: int) -> None:
     steps = 4
     with tokred.patched(model, preset):
         out = model.generate(
@@ -186,7 +205,7 @@ def test_pruning_equals_masking_through_decoding(tiny, preset):
             return_dict_in_generate=True,
         )
         kept = tokred.stats(model).kept_positions["pre_llm"][0]
-    dropped = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    dropped = (inputs["input_ids"][0] == token_id).nonzero()[:, 0]
     dropped = dropped[~torch.isin(dropped, kept)]
     assert len(dropped) > 0
 
