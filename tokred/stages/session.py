@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -59,10 +60,9 @@ class Session:
 
     # -- hooks --------------------------------------------------------------------------------------
     def _before_outer(self, module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if args:
-            raise TypeError("tokred expects the model's inputs as keyword arguments, as generate() passes them")
-        self.spans = self.adapter.spans(kwargs)
-        self.derive_positions = kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None
+        inputs = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments if args else kwargs
+        self.spans = self.adapter.spans(inputs)
+        self.derive_positions = inputs.get("position_ids") is None and inputs.get("attention_mask") is None
 
     def _before_llm(self, module, args: tuple, kwargs: dict[str, Any]):
         cache = kwargs.get("past_key_values")

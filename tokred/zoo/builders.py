@@ -280,15 +280,14 @@ _QWEN_VISION_IDS = {
 # LLaVA: CLIP 56x56, patch 14 -> 16 patches + CLS; "default" strategy drops CLS -> 16 tokens.
 _LLAVA_IMAGE = 56
 _PATCH = 14
+# The CLIP and SigLIP towers share one tiny size.
+_TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def _llava_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
     """llava-hf 1.5 layout: CLIP vision tower (penultimate layer, CLS dropped) + Llama text."""
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **_TINY_VIT,
         image_size=_LLAVA_IMAGE,
         patch_size=_PATCH,
         projection_dim=32,
@@ -327,10 +326,7 @@ _OV_PINPOINTS = [[_OV_TILE * h, _OV_TILE * w] for h in (1, 2) for w in (1, 2)]
 def _onevision_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
     """llava-onevision layout: SigLIP (no head, last layer, all tokens) + Qwen2 text, AnyRes."""
     vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **_TINY_VIT,
         image_size=_OV_TILE,
         patch_size=_PATCH,
         vision_use_head=False,
