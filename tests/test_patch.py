@@ -143,8 +143,6 @@ def _reference_topk(tiny, inputs, layer: int, keep: float) -> list[torch.Tensor]
 @pytest.mark.parametrize("layer", [0, 2])
 def test_fastv_keeps_what_eager_attention_ranks_highest(tiny, layer):
     inputs = tiny.batch()
-    if tiny.family == "llava_onevision":  # several images in one anyres span: keep the comparison per span
-        inputs = tiny.image()
     with tokred.patched(tiny.model, FastV(layer=layer, keep=0.25)):
         tiny.model(**inputs)
         kept = tokred.stats(tiny.model).kept_positions["llm"]

@@ -22,8 +22,8 @@ BY_CLASS = {name: adapter for adapter in ADAPTERS for name in adapter.model_clas
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter for `model`, or a TypeError listing the supported model classes."""
-    adapter = BY_CLASS.get(type(model).__name__)
+    """The adapter for `model` (or for the closest supported base class), else a TypeError listing them."""
+    adapter = next((BY_CLASS[c.__name__] for c in type(model).__mro__ if c.__name__ in BY_CLASS), None)
     if adapter is None:
         raise TypeError(
             f"tokred does not support {type(model).__name__}; supported model classes: {', '.join(sorted(BY_CLASS))}"
