@@ -58,9 +58,16 @@ def test_a_refused_patch_keeps_the_previous_one(tiny):
         assert counts["pre_llm"] == [Random(keep=0.5).budget(counts["input"][0])]
 
 
-def test_unknown_preset_lists_presets(tiny):
-    with pytest.raises(ValueError, match=r"unknown preset 'fastv-33'.*random-50.*fastv-25"):
+def test_unknown_preset_lists_presets_and_methods(tiny):
+    with pytest.raises(ValueError, match=r"unknown preset or method 'fastv-33'.*random-50.*fastv-25.*fastv, random"):
         tokred.patch(tiny.model, "fastv-33")
+
+
+def test_a_method_name_means_its_defaults(tiny):
+    with tokred.patched(tiny.model, "random"):
+        tiny.model(**tiny.image())
+        counts = tokred.stats(tiny.model).vision_tokens
+    assert counts["pre_llm"] == [Random().budget(counts["input"][0])]
 
 
 @pytest.mark.parametrize("config", [42, {"prune": "fastv"}, ["fastv-25"]])

@@ -56,9 +56,14 @@ def resolve(config: Config | str | None, family: str) -> Config:
     if config is None:
         config = RECOMMENDED[family]
     if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; presets are: {', '.join(PRESETS)}")
-        return PRESETS[config]
+        if config in PRESETS:
+            return PRESETS[config]
+        if config in METHODS:
+            return Config(prune=METHODS[config]())
+        raise ValueError(
+            f"unknown preset or method {config!r}; presets are: {', '.join(PRESETS)}; "
+            f"methods (with their default settings) are: {', '.join(sorted(METHODS))}"
+        )
     if isinstance(config, Method):
         return Config(prune=config)
     if not isinstance(config, Config):

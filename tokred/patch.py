@@ -20,7 +20,7 @@ def patch(model: nn.Module, config: Config | Method | str | None = None) -> nn.M
     """Install `config` on `model` in place and return it; a model already patched is unpatched first.
 
     `config`: None for the family's recommended recipe, a preset name ("fastv-25", "random-50", ...),
-    one method config, or a `tokred.Config`.
+    a method name ("fastv": its defaults), one method config, or a `tokred.Config`.
     """
     adapter = adapter_for(model)
     session = Session(adapter, resolve(config, adapter.family))
