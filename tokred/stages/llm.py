@@ -123,7 +123,7 @@ class LLMStage:
         if not self.armed:
             return None
         hidden_in_kwargs = not args
-        hidden = kwargs.pop("hidden_states") if hidden_in_kwargs else args[0]
+        hidden = kwargs["hidden_states"] if hidden_in_kwargs else args[0]
         if self.pending:
             self.pending = False
             if self.selection is None:
@@ -136,7 +136,8 @@ class LLMStage:
                 self.override = self._carry(kwargs)
         kwargs.update(self.override)
         if hidden_in_kwargs:
-            return args, {**kwargs, "hidden_states": hidden}
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
         return (hidden, *args[1:]), kwargs
 
     def _cut(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
