@@ -377,6 +377,17 @@ def _qwen2_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreT
     return Qwen2VLConfig(text_config=text, vision_config=vision, **_ids(tok, **_QWEN_VISION_IDS))
 
 
+# The Qwen2.5-VL and Qwen3-VL towers share one tiny size (the merger's output is the LLM width).
+_QWEN_TOWER = {
+    "depth": 3,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
 def _qwen2_5_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
     """Qwen2.5-VL: as Qwen2-VL plus windowed vision attention.
 
@@ -385,14 +396,9 @@ def _qwen2_5_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> Pr
     real model's "every 8th block full".
     """
     vision = {
-        "depth": 3,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
+        **_QWEN_TOWER,
         "out_hidden_size": text["hidden_size"],
         "patch_size": _PATCH,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
         "window_size": 2 * _QWEN2_FACTOR,
         "fullatt_block_indexes": [2],
         "tokens_per_second": 2,
@@ -435,14 +441,9 @@ def _qwen3_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreT
     DeepStack taps vision blocks 0 and 1 of 3 and adds them to LLM layers 0 and 1.
     """
     vision = {
-        "depth": 3,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
+        **_QWEN_TOWER,
         "out_hidden_size": text["hidden_size"],
         "patch_size": _QWEN3_PATCH,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
         "num_position_embeddings": 64,  # 8x8 learned grid, interpolated to each image's grid
         "deepstack_visual_indexes": [0, 1],
     }
