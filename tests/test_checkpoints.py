@@ -32,3 +32,16 @@ def test_a_broken_checkpoint_says_so(tmp_path, damage):
             file.unlink()
     with pytest.raises(ValueError, match=rf"{path} is not a loadable checkpoint"):
         load(path)
+
+
+@pytest.mark.parametrize("name", available())
+def test_shipped_accuracy_matches_its_card(name):
+    """Every shipped checkpoint reproduces its card's test accuracy (same 200 questions) within 2 points."""
+    from tokred.zoo import card
+    from tokred.zoo.train import accuracy
+
+    model, processor = load(name)
+    stated = card(name)
+    for task, expected in stated["test_accuracy"].items():
+        measured = accuracy(model, processor, task, stated["eval_questions"], stated["seed"], batch_size=16)
+        assert abs(measured - expected) <= 0.02, (task, measured, expected)
