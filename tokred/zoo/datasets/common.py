@@ -38,6 +38,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
 MAX_OBJECTS = 8  # counts stay single digits "0".."8"
 PNG_COMPRESS_LEVEL = 1  # level 6 is ~4x slower to write for files only ~20% smaller
+MAX_SCENES = 1000  # scene redraws before a template is declared impossible for the parameters
+Question = tuple[str, str, list[int]]  # question, answer, indices of the objects the answer rests on
 
 T = TypeVar("T")
 Media = Image.Image | list[Image.Image]

@@ -28,8 +28,10 @@ from PIL import Image, ImageDraw
 from tokred.zoo.datasets.common import (
     COLOURS,
     MAX_OBJECTS,
+    MAX_SCENES,
     SHAPES,
     BaseParams,
+    Question,
     background,
     draw_shape,
     pick,
@@ -44,9 +46,6 @@ THIRDS = ("beginning", "middle", "end")
 ANSWERS = sorted({*DIRECTIONS, *SHAPES, *THIRDS, *(str(n) for n in range(MAX_OBJECTS + 1))})
 _ROLE_POOL = ("static", "static", "mover", "mover", "appear", "disappear")
 _REQUIRED = {"direction": ["mover"], "appeared": ["appear"], "appear_time": ["appear"], "count_end": []}
-_MAX_SCENES = 1000
-
-Question = tuple[str, str, list[int]]  # question, answer, indices of the objects the answer rests on
 
 
 @dataclass(frozen=True)
@@ -71,12 +70,12 @@ class Params(BaseParams):
 def sample(rng: np.random.Generator, split: str, index: int, params: Params) -> tuple[dict, list[Image.Image]]:
     """One record and its frames; the template is drawn first and the roles are chosen so that it applies."""
     qtype = pick(rng, TYPES)
-    for _ in range(_MAX_SCENES):
+    for _ in range(MAX_SCENES):
         objects = scene(rng, qtype, params)
         if objects is not None:
             break
     else:
-        raise RuntimeError(f"could not place the objects in {_MAX_SCENES} scenes; check the parameters {params}")
+        raise RuntimeError(f"could not place the objects in {MAX_SCENES} scenes; check the parameters {params}")
     question, answer, targets = _TEMPLATES[qtype](rng, objects, params)
     frames = render(rng, objects, params)
     record = {

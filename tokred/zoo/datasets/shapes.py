@@ -25,8 +25,10 @@ from PIL import Image, ImageDraw
 from tokred.zoo.datasets.common import (
     COLOURS,
     MAX_OBJECTS,
+    MAX_SCENES,
     SHAPES,
     BaseParams,
+    Question,
     background,
     draw_shape,
     is_about_smallest,
@@ -42,9 +44,6 @@ TYPES = ("colour", "shape", "count", "exists", "quadrant")
 SMALLEST_TYPES = ("colour", "shape", "quadrant")
 QUADRANTS = ("topleft", "topright", "bottomleft", "bottomright")
 ANSWERS = sorted({*COLOURS, *SHAPES, *QUADRANTS, "yes", "no", *(str(n) for n in range(MAX_OBJECTS + 1))})
-_MAX_SCENES = 1000
-
-Question = tuple[str, str, list[int]]  # question, answer, indices of the objects the answer rests on
 
 
 @dataclass(frozen=True)
@@ -73,13 +72,13 @@ def sample(rng: np.random.Generator, split: str, index: int, params: Params) -> 
     so template frequencies don't depend on how often a template is applicable."""
     about_smallest = is_about_smallest(index, params.smallest_share)
     qtype = pick(rng, SMALLEST_TYPES if about_smallest else TYPES)
-    for _ in range(_MAX_SCENES):
+    for _ in range(MAX_SCENES):
         objects = scene(rng, params)
         candidates = _TEMPLATES[qtype](rng, objects, about_smallest, params) if objects else []
         if candidates:
             break
     else:
-        raise RuntimeError(f"no {qtype!r} question fits {_MAX_SCENES} scenes; check the parameters {params}")
+        raise RuntimeError(f"no {qtype!r} question fits {MAX_SCENES} scenes; check the parameters {params}")
     question, answer, targets = pick(rng, candidates)
     image = render(rng, objects, params)
     record = {
