@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokred.methods.base import Span
-
 
 @dataclass
 class Stats:
@@ -21,16 +19,6 @@ class Stats:
     vision_tokens: dict[str, list[int]] = field(default_factory=dict)
     kept_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     seq_len: dict[int, list[int]] = field(default_factory=dict)
-
-    @classmethod
-    def start(cls, spans: list[list[Span]] | None, real_tokens: list[int]) -> Stats:
-        stats = cls(seq_len={0: real_tokens})
-        if spans is not None:
-            stats.record(
-                "input",
-                [torch.cat([s.positions for s in sample] or [torch.zeros(0, dtype=torch.long)]) for sample in spans],
-            )
-        return stats
 
     def record(self, stage: str, positions: list[torch.Tensor]) -> None:
         self.kept_positions[stage] = [p.sort().values.cpu() for p in positions]

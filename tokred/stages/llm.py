@@ -143,11 +143,10 @@ class LLMStage:
     def _cut(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Prefill: choose the tokens from layer K's scores; the cut mask and rotary embeddings for the rest."""
         keep = keep_mask(self.method, self.spans, hidden, scores=self.scores)
-        if keep.all():
-            self.on_cut(None)
-            return {}
         self.selection = selection = Selection.from_keep(keep, self.text_mask)
         self.on_cut(selection)
+        if selection is None:
+            return {}
         mask = None
         if kwargs.get("attention_mask") is not None or selection.has_filler:
             mask = attention_mask_for(selection.key_valid, selection.new_len, self.implementation, hidden.dtype)

@@ -27,9 +27,9 @@ class PreLLMStage:
         embeds = kwargs["inputs_embeds"]
         generator = torch.Generator().manual_seed(getattr(self.method, "seed", 0))
         keep = keep_mask(self.method, spans, embeds, generator=generator)
-        if keep.all():
-            return None
         selection = Selection.from_keep(keep, kwargs.get("attention_mask"))
+        if selection is None:
+            return None
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None]

@@ -22,11 +22,14 @@ class Selection:
     old_len: int
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor, padding_mask: torch.Tensor | None) -> Selection:
+    def from_keep(cls, keep: torch.Tensor, padding_mask: torch.Tensor | None) -> Selection | None:
         """Build from a (B, N) bool mask of kept positions and the 2D padding mask the model received.
 
-        Padding goes with the dropped tokens: it was masked out anyway, and the batch gets narrower.
+        None when every position stays, so the call is left untouched. Otherwise padding goes with the
+        dropped tokens: it was masked out anyway, and the batch gets narrower.
         """
+        if keep.all():
+            return None
         if padding_mask is not None:
             keep = keep & padding_mask[:, : keep.shape[1]].bool()
         counts = keep.sum(1)

@@ -83,7 +83,9 @@ class Session:
         mask = kwargs.get("attention_mask")
         embeds = kwargs["inputs_embeds"]
         real = mask.sum(1).tolist() if mask is not None else [embeds.shape[1]] * embeds.shape[0]
-        self.stats = Stats.start(spans, [int(n) for n in real])
+        self.stats = Stats(seq_len={0: [int(n) for n in real]})
+        if spans:
+            self.stats.record("input", _positions(spans))
         if self.pre is not None:
             self.pre.selection = None
         if self.llm is not None:
