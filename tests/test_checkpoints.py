@@ -43,5 +43,5 @@ def test_shipped_accuracy_matches_its_card(name):
     model, processor = load(name)
     stated = card(name)
     for task, expected in stated["test_accuracy"].items():
-        measured = accuracy(model, processor, task, stated["eval_questions"], stated["seed"], batch_size=16)
+        measured = accuracy(model, processor, task, stated["eval_questions"], stated["seed"])
         assert abs(measured - expected) <= 0.02, (task, measured, expected)

@@ -274,3 +274,24 @@ def test_motion_pixels_follow_the_tracks(motion_samples):
                 assert frames[-1].getpixel(tuple(o["track"][0])) != colour
         changed = np.any(np.asarray(frames[-1]) != background, axis=-1).mean()
         assert changed < 0.25  # most of the picture repeats
+
+
+# ---------------------------------------------------------------- every question a scene supports
+
+
+@pytest.mark.parametrize("kind", ["shapes", "motion"])
+def test_scene_questions_are_all_answered_correctly(kind, shape_samples, motion_samples):
+    solve = solve_shapes if kind == "shapes" else solve_motion
+    samples = shape_samples if kind == "shapes" else motion_samples
+    rng = np.random.default_rng(0)
+    for record, _ in samples:
+        found = datasets.questions(kind, record, rng)
+        assert record["question"] in {q["question"] for q in found} or record["type"] in (
+            "count",
+            "exists",
+            "direction",
+        )  # one of several picked
+        for q in found:
+            assert (q["answer"], q["targets"]) == solve(q["question"], record["objects"])
+    types = {q["type"] for record, _ in samples for q in datasets.questions(kind, record, rng)}
+    assert types == set(datasets.KINDS[kind].TYPES)

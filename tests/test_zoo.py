@@ -236,3 +236,24 @@ def test_cache_reuse_and_rebuild(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     assert deeper != path and deeper.parent == path.parent
     config = AutoModelForImageTextToText.from_pretrained(deeper).config
     assert config.text_config.num_hidden_layers == 6
+
+
+@pytest.mark.parametrize(
+    ("family", "vision"),
+    [("qwen2_5_vl", {"depth": 4, "fullatt_block_indexes": [3]}), ("llava", {"patch_size": 28, "num_hidden_layers": 3})],
+)
+def test_vision_and_image_size_overrides(tmp_path, family, vision) -> None:
+    """A 448 px image becomes 16x16 LLM tokens with the trained checkpoints' tower settings, and runs."""
+    path = build(family, tmp_path / family, vision=vision, image_size=448)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    tower = model.config.vision_config
+    assert all(getattr(tower, key) == value for key, value in vision.items())
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(text=[prompt], images=[image((448, 448))], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 256
+    with torch.inference_mode():
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape

@@ -66,7 +66,7 @@ MARKER = ".tokred-build.json"
 
 _FORMAT = 1  # bump when the builders change in a way that invalidates cached checkpoints
 
-# Text-model defaults shared by every family; ``build(**overrides)`` updates them.
+# Text-model defaults shared by every family; ``build(**text)`` updates them.
 _TEXT_DEFAULTS: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -284,31 +284,36 @@ _PATCH = 14
 _TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-def _llava_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
+def _llava_config(
+    tok: PreTrainedTokenizerFast, text: dict[str, Any], vision: dict[str, Any], image_size: int | None
+) -> PreTrainedConfig:
     """llava-hf 1.5 layout: CLIP vision tower (penultimate layer, CLS dropped) + Llama text."""
-    vision = CLIPVisionConfig(
-        **_TINY_VIT,
-        image_size=_LLAVA_IMAGE,
-        patch_size=_PATCH,
-        projection_dim=32,
-        hidden_act="quick_gelu",
+    tower = CLIPVisionConfig(
+        **{
+            **_TINY_VIT,
+            "image_size": image_size or _LLAVA_IMAGE,
+            "patch_size": _PATCH,
+            "projection_dim": 32,
+            "hidden_act": "quick_gelu",
+            **vision,
+        }
     )
     return LlavaConfig(
-        vision_config=vision,
+        vision_config=tower,
         text_config=LlamaConfig(**text),
-        image_seq_length=(_LLAVA_IMAGE // _PATCH) ** 2,
+        image_seq_length=(tower.image_size // tower.patch_size) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         **_ids(tok, image_token_index="<image>"),
     )
 
 
-def _llava_processor(tok: PreTrainedTokenizerFast) -> ProcessorMixin:
-    size = _LLAVA_IMAGE
+def _llava_processor(tok: PreTrainedTokenizerFast, config: PreTrainedConfig, image_size: int | None) -> ProcessorMixin:
+    size, patch = config.vision_config.image_size, config.vision_config.patch_size
     return LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         tokenizer=tok,
-        patch_size=_PATCH,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, removed again by the "default" strategy
         chat_template=_LLAVA_TEMPLATE,
@@ -320,35 +325,42 @@ def _llava_processor(tok: PreTrainedTokenizerFast) -> ProcessorMixin:
 # with several images per prompt each image is 16 + 1 tokens. Video frames are resized to 56x56
 # and 2x2-pooled: N frames -> 4 * N + 1 tokens.
 _OV_TILE = 56
-_OV_PINPOINTS = [[_OV_TILE * h, _OV_TILE * w] for h in (1, 2) for w in (1, 2)]
 
 
-def _onevision_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
-    """llava-onevision layout: SigLIP (no head, last layer, all tokens) + Qwen2 text, AnyRes."""
-    vision = SiglipVisionConfig(
-        **_TINY_VIT,
-        image_size=_OV_TILE,
-        patch_size=_PATCH,
-        vision_use_head=False,
+def _pinpoints(tile: int) -> list[list[int]]:
+    return [[tile * h, tile * w] for h in (1, 2) for w in (1, 2)]
+
+
+def _onevision_config(
+    tok: PreTrainedTokenizerFast, text: dict[str, Any], vision: dict[str, Any], image_size: int | None
+) -> PreTrainedConfig:
+    """llava-onevision layout: SigLIP (no head, last layer, all tokens) + Qwen2 text, AnyRes.
+
+    ``image_size`` is the tile side (AnyRes grids of up to 2x2 tiles)."""
+    tower = SiglipVisionConfig(
+        **{**_TINY_VIT, "image_size": image_size or _OV_TILE, "patch_size": _PATCH, "vision_use_head": False, **vision}
     )
     return LlavaOnevisionConfig(
-        vision_config=vision,
+        vision_config=tower,
         text_config=Qwen2Config(**text),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
-        image_grid_pinpoints=_OV_PINPOINTS,
+        image_grid_pinpoints=_pinpoints(tower.image_size),
         vision_aspect_ratio="anyres_max_9",
         **_ids(tok, image_token_index="<image>", video_token_index="<video>"),
     )
 
 
-def _onevision_processor(tok: PreTrainedTokenizerFast) -> ProcessorMixin:
-    size = {"height": _OV_TILE, "width": _OV_TILE}
+def _onevision_processor(
+    tok: PreTrainedTokenizerFast, config: PreTrainedConfig, image_size: int | None
+) -> ProcessorMixin:
+    tile, patch = config.vision_config.image_size, config.vision_config.patch_size
+    size = {"height": tile, "width": tile}
     return LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=_OV_PINPOINTS),
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=_pinpoints(tile)),
         video_processor=LlavaOnevisionVideoProcessor(size=size),
         tokenizer=tok,
-        num_image_tokens=(_OV_TILE // _PATCH) ** 2,
+        num_image_tokens=(tile // patch) ** 2,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
         chat_template=_ONEVISION_TEMPLATE,
@@ -356,14 +368,16 @@ def _onevision_processor(tok: PreTrainedTokenizerFast) -> ProcessorMixin:
 
 
 # Qwen2-VL / Qwen2.5-VL: patch 14, 2x2 merge -> one token per 28x28 pixels; temporal patch 2.
-# Images are resized to 56x56 .. 224x224 (4 .. 64 tokens; 112x112 -> 16 tokens), video frames
-# to at most 112x112 (N frames of 112x112 -> N/2 * 16 tokens).
+# Images are resized to 56x56 .. 224x224 (4 .. 64 tokens; 112x112 -> 16 tokens; ``image_size``
+# raises the upper side), video frames to at most 112x112 (N frames of 112x112 -> N/2 * 16 tokens).
 _QWEN2_FACTOR = 28
 
 
-def _qwen2_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
+def _qwen2_vl_config(
+    tok: PreTrainedTokenizerFast, text: dict[str, Any], vision: dict[str, Any], image_size: int | None
+) -> PreTrainedConfig:
     """Qwen2-VL: ViT with 2D RoPE and patch merger; Qwen2 text with M-RoPE (t:h:w = 2:3:3)."""
-    vision = {
+    tower = {
         "depth": 2,
         "embed_dim": 32,
         "hidden_size": text["hidden_size"],  # merger output = LLM width
@@ -372,9 +386,10 @@ def _qwen2_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreT
         "patch_size": _PATCH,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
+        **vision,
     }
     text = {**text, "rope_parameters": _mrope(text, hw_share=3 / 8, interleaved=False)}
-    return Qwen2VLConfig(text_config=text, vision_config=vision, **_ids(tok, **_QWEN_VISION_IDS))
+    return Qwen2VLConfig(text_config=text, vision_config=tower, **_ids(tok, **_QWEN_VISION_IDS))
 
 
 # The Qwen2.5-VL and Qwen3-VL towers share one tiny size (the merger's output is the LLM width).
@@ -388,28 +403,34 @@ _QWEN_TOWER = {
 }
 
 
-def _qwen2_5_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
+def _qwen2_5_vl_config(
+    tok: PreTrainedTokenizerFast, text: dict[str, Any], vision: dict[str, Any], image_size: int | None
+) -> PreTrainedConfig:
     """Qwen2.5-VL: as Qwen2-VL plus windowed vision attention.
 
     ``window_size`` is in pixels: 56 px = 2x2 merged tokens per window, so a 112x112 image has
     four windows. Blocks 0-1 use window attention, block 2 (the last) full attention, like the
     real model's "every 8th block full".
     """
-    vision = {
+    tower = {
         **_QWEN_TOWER,
         "out_hidden_size": text["hidden_size"],
         "patch_size": _PATCH,
         "window_size": 2 * _QWEN2_FACTOR,
         "fullatt_block_indexes": [2],
         "tokens_per_second": 2,
+        **vision,
     }
     text = {**text, "rope_parameters": _mrope(text, hw_share=3 / 8, interleaved=False)}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_ids(tok, **_QWEN_VISION_IDS))
+    return Qwen2_5_VLConfig(text_config=text, vision_config=tower, **_ids(tok, **_QWEN_VISION_IDS))
 
 
-def _qwen2_processor(cls: type[ProcessorMixin], tok: PreTrainedTokenizerFast) -> ProcessorMixin:
+def _qwen2_processor(
+    cls: type[ProcessorMixin], tok: PreTrainedTokenizerFast, config: PreTrainedConfig, image_size: int | None
+) -> ProcessorMixin:
     f = _QWEN2_FACTOR
-    image_size = {"shortest_edge": 4 * f * f, "longest_edge": 64 * f * f}
+    side = (image_size or 8 * f) // f
+    image_size = {"shortest_edge": 4 * f * f, "longest_edge": side * side * f * f}
     video_size = {"shortest_edge": 4 * f * f, "longest_edge": 16 * f * f}  # per frame
     return cls(
         image_processor=Qwen2VLImageProcessor(size=image_size, patch_size=_PATCH, merge_size=2, temporal_patch_size=2),
@@ -435,30 +456,36 @@ _QWEN3_PATCH = 16
 _QWEN3_FACTOR = 32
 
 
-def _qwen3_vl_config(tok: PreTrainedTokenizerFast, text: dict[str, Any]) -> PreTrainedConfig:
+def _qwen3_vl_config(
+    tok: PreTrainedTokenizerFast, text: dict[str, Any], vision: dict[str, Any], image_size: int | None
+) -> PreTrainedConfig:
     """Qwen3-VL: ViT with learned + 2D RoPE positions and DeepStack; Qwen3 text, interleaved M-RoPE.
 
     DeepStack taps vision blocks 0 and 1 of 3 and adds them to LLM layers 0 and 1.
     """
-    vision = {
+    tower = {
         **_QWEN_TOWER,
         "out_hidden_size": text["hidden_size"],
         "patch_size": _QWEN3_PATCH,
         "num_position_embeddings": 64,  # 8x8 learned grid, interpolated to each image's grid
         "deepstack_visual_indexes": [0, 1],
+        **vision,
     }
     text = {**text, "head_dim": _head_dim(text)}
     text["rope_parameters"] = _mrope(text, hw_share=5 / 16, interleaved=True)
-    return Qwen3VLConfig(text_config=text, vision_config=vision, **_ids(tok, **_QWEN_VISION_IDS))
+    return Qwen3VLConfig(text_config=text, vision_config=tower, **_ids(tok, **_QWEN_VISION_IDS))
 
 
-def _qwen3_vl_processor(tok: PreTrainedTokenizerFast) -> ProcessorMixin:
+def _qwen3_vl_processor(
+    tok: PreTrainedTokenizerFast, config: PreTrainedConfig, image_size: int | None
+) -> ProcessorMixin:
     f = _QWEN3_FACTOR
+    side = (image_size or 8 * f) // f
     norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     patches = {"patch_size": _QWEN3_PATCH, "merge_size": 2, "temporal_patch_size": 2}
     return Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(
-            size={"shortest_edge": 4 * f * f, "longest_edge": 64 * f * f}, **norm, **patches
+            size={"shortest_edge": 4 * f * f, "longest_edge": side * side * f * f}, **norm, **patches
         ),
         # Frames are used as given (the real checkpoint samples 2 fps); the processor then writes
         # "<t seconds>" timestamps assuming 24 fps unless ``video_metadata`` is passed.
@@ -477,8 +504,8 @@ def _qwen3_vl_processor(tok: PreTrainedTokenizerFast) -> ProcessorMixin:
 @dataclass(frozen=True)
 class _Family:
     tokens: _TokenSpec
-    config: Callable[[PreTrainedTokenizerFast, dict[str, Any]], PreTrainedConfig]
-    processor: Callable[[PreTrainedTokenizerFast], ProcessorMixin]
+    config: Callable[[PreTrainedTokenizerFast, dict[str, Any], dict[str, Any], int | None], PreTrainedConfig]
+    processor: Callable[[PreTrainedTokenizerFast, PreTrainedConfig, int | None], ProcessorMixin]
 
 
 _REGISTRY: dict[str, _Family] = {
@@ -532,7 +559,8 @@ def _write(family: str, path: pathlib.Path, seed: int, overrides: dict[str, Any]
     (path / MARKER).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
     spec = _REGISTRY[family]
     tok = _make_tokenizer(spec.tokens)
-    config = spec.config(tok, _text_kwargs(tok, overrides))
+    image_size = overrides.get("image_size")
+    config = spec.config(tok, _text_kwargs(tok, overrides.get("text", {})), overrides.get("vision", {}), image_size)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -542,11 +570,19 @@ def _write(family: str, path: pathlib.Path, seed: int, overrides: dict[str, Any]
     )
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)  # safetensors is the default format
-    spec.processor(tok).save_pretrained(path)  # tokenizer, image/video processor, chat template
+    spec.processor(tok, config, image_size).save_pretrained(path)  # tokenizer, image/video processor, chat template
     (path / MARKER).write_text(json.dumps(_marker(family, seed, overrides), indent=2) + "\n")
 
 
-def build(family: str, path: str | os.PathLike[str] | None = None, *, seed: int = 0, **overrides: Any) -> pathlib.Path:
+def build(
+    family: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    seed: int = 0,
+    vision: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    **text: Any,
+) -> pathlib.Path:
     """Write a tiny random-weight checkpoint of ``family`` into ``path`` and return the path.
 
     Args:
@@ -555,7 +591,11 @@ def build(family: str, path: str | os.PathLike[str] | None = None, *, seed: int 
             :func:`default_cache_dir` and reuses a complete earlier build made with the same
             family, seed, overrides and transformers version.
         seed: ``torch.manual_seed`` used before the random initialisation.
-        **overrides: text-model config fields, e.g. ``num_hidden_layers=6`` or ``hidden_size=128``
+        vision: vision-tower config fields, e.g. ``{"depth": 4, "hidden_size": 96}`` (Qwen) or
+            ``{"patch_size": 28}`` (CLIP/SigLIP).
+        image_size: largest image side the processor keeps (Qwen families; default 224, Qwen3-VL
+            256), or the tower's input side (LLaVA) / tile side (LLaVA-OneVision; default 56).
+        **text: text-model config fields, e.g. ``num_hidden_layers=6`` or ``hidden_size=128``
             (the vision towers' output width and the M-RoPE sections follow ``hidden_size`` and
             the head size).
 
@@ -564,6 +604,8 @@ def build(family: str, path: str | os.PathLike[str] | None = None, *, seed: int 
     """
     if family not in _REGISTRY:
         raise ValueError(f"unknown VLM family {family!r}; known families: {', '.join(FAMILIES)}")
+    parts = {"text": text, "vision": vision, "image_size": image_size}
+    overrides = {key: value for key, value in parts.items() if value}
     if path is not None:
         out = pathlib.Path(path)
         _write(family, out, seed, overrides)

@@ -2,9 +2,14 @@
 
     python -m tokred.zoo.train --family qwen2_5_vl --task shapes --task motion --out DIR
 
-Samples are drawn on the fly from `tokred.zoo.datasets.sample` (deterministic by seed and index), the
-loss covers the answer tokens only, and the run stops at `--steps` or `--minutes`, whichever comes
-first. The result is saved with `save_pretrained` plus a model card with the test accuracy.
+Samples are drawn on the fly from `tokred.zoo.datasets.sample` (deterministic by seed and index). Each
+image or clip carries up to ``--questions`` question/answer turns in one sequence (its own question
+first), so the vision tower runs once for several answers, and the loss covers the answer tokens only.
+A linear probe on the vision tokens as they enter the LLM learns which colour and shape covers each
+token's cell (``--aux-weight``): dense supervision that teaches a from-scratch tower to see within a
+CPU budget. The probe is discarded; the saved checkpoint is the plain architecture. The run stops at
+``--steps`` or ``--minutes``, whichever comes first, and is saved with `save_pretrained` plus a model
+card with the test accuracy.
 """
 
 from __future__ import annotations
@@ -13,93 +18,256 @@ import argparse
 import json
 import math
 import platform
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from tokred.adapters import adapter_for
 from tokred.zoo import build
-from tokred.zoo.datasets import sample
+from tokred.zoo.datasets import COLOURS, SHAPES, questions, sample
 
 MEDIA = {"shapes": "image", "motion": "video"}
+PROBE_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, 2, 4)  # colour, shape (0: none), object centre, quadrant
 
 
-def chat(processor, kind: str, question: str, answer: str | None = None) -> str:
-    """The family's chat text for one question, with the answer appended for training."""
-    content = [{"type": MEDIA[kind]}, {"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return text if answer is None else text + answer + processor.tokenizer.eos_token
+def vision_config(family: str, hidden: int, depth: int, image_size: int) -> dict:
+    """Vision-tower fields of ``family`` for a tower ``hidden`` wide and ``depth`` blocks deep (32-wide heads)."""
+    heads = max(1, hidden // 32)
+    if family == "qwen2_vl":
+        return {"depth": depth, "embed_dim": hidden, "num_heads": heads, "mlp_ratio": 2}
+    if family.startswith("qwen"):
+        tower = {"depth": depth, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_heads": heads}
+        if family == "qwen2_5_vl":  # 112 px windows (4x4 tokens), the last block full attention
+            tower |= {"window_size": 112, "fullatt_block_indexes": [depth - 1]}
+        if family == "qwen3_vl":
+            tower |= {"deepstack_visual_indexes": list(range(min(2, depth - 1)))}
+        return tower
+    # CLIP/SigLIP: 28 px patches keep a 448 px image at 16x16 tokens, like the Qwen merger.
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": depth,
+        "num_attention_heads": heads,
+        "patch_size": 28 if image_size >= 224 else 14,
+    }
 
 
-def batch_inputs(processor, kind: str, items: list[tuple[dict, object]], train: bool) -> dict:
-    """Processor inputs for (record, media) pairs; with `train`, labels on the answer tokens only."""
-    texts = [chat(processor, kind, r["question"], r["answer"] if train else None) for r, _ in items]
-    media = [m for _, m in items]
-    key = "images" if MEDIA[kind] == "image" else "videos"
-    inputs = processor(text=texts, **{key: media}, return_tensors="pt", padding=True)
+def chat(processor, kind: str, question: str, first: bool = True) -> str:
+    """The family's prompt for one user turn, ending with the assistant's prefix; the first turn holds the media."""
+    content = [{"type": MEDIA[kind]}] if first else []
+    content.append({"type": "text", "text": question})
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def batch_inputs(processor, kind: str, items: list[tuple[list[dict], object]], train: bool) -> dict:
+    """Processor inputs for (turns, media) pairs: question/answer turns about one image or clip each.
+
+    With ``train`` every turn's answer and end-of-turn token follow its prompt and the labels cover exactly
+    those tokens; otherwise the text is the first turn's prompt, ready for generation.
+    """
+    eos = processor.tokenizer.eos_token
     if train:
-        labels = torch.full_like(inputs["input_ids"], -100)
-        for b, (record, _) in enumerate(items):
-            answer = processor.tokenizer(record["answer"] + processor.tokenizer.eos_token, add_special_tokens=False)
-            n = len(answer["input_ids"])
-            labels[b, -n:] = inputs["input_ids"][b, -n:]  # left padding: the answer ends every row
-        inputs["labels"] = labels
+        texts = [
+            "".join(chat(processor, kind, t["question"], i == 0) + t["answer"] + eos for i, t in enumerate(turns))
+            for turns, _ in items
+        ]
+    else:
+        texts = [chat(processor, kind, turns[0]["question"]) for turns, _ in items]
+    key = "images" if MEDIA[kind] == "image" else "videos"
+    inputs = processor(text=texts, **{key: [media for _, media in items]}, return_tensors="pt", padding=True)
+    if train:
+        inputs["labels"] = answer_labels(processor.tokenizer, inputs["input_ids"], [turns for turns, _ in items])
     return inputs
 
 
-def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int) -> float:
-    """Exact-match accuracy of greedy answers on the first `n` test questions."""
-    correct = 0
+def answer_labels(tokenizer, input_ids: torch.Tensor, turns: list[list[dict]]) -> torch.Tensor:
+    """Labels equal to ``input_ids`` on each answer and its end token, found in order; -100 elsewhere."""
+    labels = torch.full_like(input_ids, -100)
+    for b, sample_turns in enumerate(turns):
+        ids, at = input_ids[b].tolist(), 0
+        for turn in sample_turns:
+            answer = tokenizer(turn["answer"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            at = next(i for i in range(at, len(ids)) if ids[i : i + len(answer)] == answer)
+            labels[b, at : at + len(answer)] = input_ids[b, at : at + len(answer)]
+            at += len(answer)
+    return labels
+
+
+def turns_for(kind: str, record: dict, rng: np.random.Generator, limit: int) -> list[dict]:
+    """The record's own question, then up to ``limit - 1`` more about the same scene, types drawn evenly."""
+    pool: dict[str, list[dict]] = {}
+    for q in questions(kind, record, rng):
+        if q["question"] != record["question"]:
+            pool.setdefault(q["type"], []).append(q)
+    turns = [record]
+    while len(turns) < limit and pool:
+        qtype = list(pool)[int(rng.integers(len(pool)))]
+        turns.append(pool[qtype].pop(int(rng.integers(len(pool[qtype])))))
+        if not pool[qtype]:
+            del pool[qtype]
+    return turns
+
+
+def probe_targets(record: dict, grid: tuple[int, int, int], size: int) -> torch.Tensor:
+    """(t*h*w, 4) targets of the vision tokens of one image or clip on a (t, h, w) token grid over a
+    ``size``-pixel square: colour and shape of the object covering each cell's centre, whether the cell
+    holds an object's centre, and the cell's quadrant (absolute position, which rotary attention alone
+    does not put into the tokens). Clip slot ``t`` shows frame ``2 t`` (temporal patches of two frames)."""
+    t, h, w = grid
+    targets = torch.zeros(t, h, w, 4, dtype=torch.long)
+    rows, cols = torch.arange(h)[:, None] >= h / 2, torch.arange(w)[None, :] >= w / 2
+    targets[..., 3] = 2 * rows.long() + cols.long()
+    cell = size / w
+    centres = (torch.arange(w) + 0.5) * cell
+    for o in record["objects"]:
+        for slot in range(t):
+            frame = 2 * slot
+            if "track" in o and not o["appear"] <= frame < o["disappear"]:
+                continue
+            cx, cy = o["track"][frame] if "track" in o else (o["cx"], o["cy"])
+            inside_x = (centres - cx).abs() <= o["size"] / 2
+            inside_y = (centres - cy).abs() <= o["size"] / 2
+            cover = inside_y[:, None] & inside_x[None, :]
+            row, col = min(int(cy / cell), h - 1), min(int(cx / cell), w - 1)
+            cover[row, col] = True
+            targets[slot, ..., 0][cover] = list(COLOURS).index(o["colour"]) + 1
+            targets[slot, ..., 1][cover] = SHAPES.index(o["shape"]) + 1
+            targets[slot, row, col, 2] = 1
+    return targets.reshape(-1, 4)
+
+
+class Probe(nn.Module):
+    """Linear read-out of colour, shape, object centre and quadrant from each vision token (training only)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(hidden, sum(PROBE_CLASSES))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(tokens).split(PROBE_CLASSES, dim=-1)
+        return sum(F.cross_entropy(x, targets[:, i]) for i, x in enumerate(logits)) / len(logits)
+
+
+class LLMInputs:
+    """Keeps the embeddings the LLM was last called with (a forward pre-hook), to read the vision rows from."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.embeds: torch.Tensor | None = None
+        adapter_for(model).language_model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.embeds = kwargs["inputs_embeds"]
+
+
+def _frames(media: Image.Image | list[Image.Image]) -> list[Image.Image]:
+    return media if isinstance(media, list) else [media]
+
+
+def token_grid(n_tokens: int, media: Image.Image | list[Image.Image]) -> tuple[int, int, int]:
+    """The (t, h, w) grid of a square image or clip's ``n_tokens`` vision tokens (one slot per two frames)."""
+    slots = max(1, len(_frames(media)) // 2)
+    side = math.isqrt(n_tokens // slots)
+    if slots * side * side != n_tokens:
+        raise ValueError(f"{n_tokens} vision tokens are not {slots} square grids")
+    return slots, side, side
+
+
+def graded(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> list[tuple[dict, bool]]:
+    """The first ``n`` test records of ``kind``, each with whether the greedy answer matches exactly."""
+    results = []
     for start in range(0, n, batch_size):
-        items = [sample(kind, "test", i, seed=seed) for i in range(start, min(n, start + batch_size))]
-        inputs = batch_inputs(processor, kind, items, train=False)
+        records = [sample(kind, "test", i, seed=seed) for i in range(start, min(n, start + batch_size))]
+        inputs = batch_inputs(processor, kind, [([r], m) for r, m in records], train=False)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(a.strip() == r["answer"] for a, (r, _) in zip(answers, items, strict=True))
-    return correct / n
+        results += [(r, a.strip() == r["answer"]) for a, (r, _) in zip(answers, records, strict=True)]
+    return results
+
+
+def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> float:
+    """Exact-match accuracy of greedy answers on the first ``n`` test questions."""
+    return sum(ok for _, ok in graded(model, processor, kind, n, seed, batch_size)) / n
 
 
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    sizes = {
+    rng = np.random.default_rng(args.seed)
+    text = {
         "hidden_size": args.hidden,
-        "intermediate_size": 4 * args.hidden,
+        "intermediate_size": 2 * args.hidden,
         "num_hidden_layers": args.layers,
         "num_attention_heads": args.hidden // 32,
         "num_key_value_heads": max(1, args.hidden // 64),
     }
-    path = build(args.family, Path(args.out) / "init", seed=args.seed, **sizes)
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").train()
-    processor = AutoProcessor.from_pretrained(path)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-    )
+    vision = vision_config(args.family, args.vision_hidden, args.vision_depth, args.image_size)
+    with tempfile.TemporaryDirectory() as init:
+        build(args.family, init, seed=args.seed, vision=vision, image_size=args.image_size, **text)
+        model = AutoModelForImageTextToText.from_pretrained(init, attn_implementation="sdpa").train()
+        processor = AutoProcessor.from_pretrained(init)
+    vision_ids = torch.tensor(list(adapter_for(model).token_ids().values()))
+    llm_inputs, probe = LLMInputs(model), Probe(args.hidden)
+    params = [*model.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     start, step, index = time.monotonic(), 0, 0
-    while step < args.steps and time.monotonic() - start < args.minutes * 60:
+
+    def progress() -> float:
+        return min(1.0, max(step / args.steps, (time.monotonic() - start) / (60 * args.minutes)))
+
+    while progress() < 1.0:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress()))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         kind = args.task[step % len(args.task)]
-        items = [sample(kind, "train", index + i, seed=args.seed) for i in range(args.batch_size)]
+        records = [sample(kind, "train", index + i, seed=args.seed) for i in range(args.batch_size)]
         index += args.batch_size
-        loss = model(**batch_inputs(processor, kind, items, train=True)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        items = [(turns_for(kind, r, rng, args.questions), m) for r, m in records]
+        inputs = batch_inputs(processor, kind, items, train=True)
+        answer_loss = model(**inputs).loss
+        vision_rows = torch.isin(inputs["input_ids"], vision_ids)
+        targets = torch.cat(
+            [
+                probe_targets(r, token_grid(int(n), m), _frames(m)[0].width)
+                for (r, m), n in zip(records, vision_rows.sum(dim=1), strict=True)
+            ]
+        )
+        probe_loss = probe.loss(llm_inputs.embeds[vision_rows], targets)
+        (answer_loss + args.aux_weight * probe_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step(), optimizer.zero_grad()
         step += 1
         if step % args.log_every == 0:
-            print(f"step {step} {kind} loss {loss.item():.3f} ({time.monotonic() - start:.0f} s)", flush=True)
+            elapsed = time.monotonic() - start
+            losses = f"answer {answer_loss.item():.3f} probe {probe_loss.item():.3f}"
+            print(f"step {step} {kind} {losses} lr {lr:.2e} ({elapsed:.0f} s)", flush=True)
     minutes = (time.monotonic() - start) / 60
     model.eval()
-    results = {k: accuracy(model, processor, k, args.eval_n, args.seed, args.batch_size) for k in args.task}
+    results = {k: accuracy(model, processor, k, args.eval_n, args.seed) for k in dict.fromkeys(args.task)}
     card = {
+        "command": " ".join(["python -m tokred.zoo.train", *sys.argv[1:]]),
         "family": args.family,
-        "tasks": args.task,
-        "sizes": sizes,
+        "tasks": list(dict.fromkeys(args.task)),
+        "task_schedule": args.task,
+        "text": text,
+        "vision": vision,
+        "image_size": args.image_size,
         "seed": args.seed,
         "steps": step,
-        "samples_seen": index,
+        "media_seen": index,
+        "data": "train split drawn on the fly from tokred.zoo.datasets.sample(task, 'train', i, seed)",
+        "questions_per_medium": args.questions,
+        "aux_weight": args.aux_weight,
+        "size_mb": None,
+        "lr": args.lr,
         "train_minutes": round(minutes, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {next(model.parameters()).device}",
         "test_accuracy": results,
@@ -107,6 +275,7 @@ def train(args: argparse.Namespace) -> dict:
     }
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
+    card["size_mb"] = round(sum(f.stat().st_size for f in Path(args.out).iterdir()) / 2**20, 1)
     (Path(args.out) / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
 
@@ -114,14 +283,22 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokred.zoo.train", description=__doc__)
     parser.add_argument("--family", default="qwen2_5_vl")
-    parser.add_argument("--task", action="append", choices=list(MEDIA), help="repeat for several (default: shapes)")
+    parser.add_argument(
+        "--task", action="append", choices=list(MEDIA), help="repeat to train on several, in turn (default: shapes)"
+    )
     parser.add_argument("--out", required=True)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--hidden", type=int, default=128, help="LLM width")
+    parser.add_argument("--layers", type=int, default=4, help="LLM layers")
+    parser.add_argument("--vision-hidden", type=int, default=96)
+    parser.add_argument("--vision-depth", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--questions", type=int, default=4, help="question/answer turns per image or clip")
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the vision-token probe loss")
+    parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=20)

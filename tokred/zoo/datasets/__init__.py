@@ -27,6 +27,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from tokred.zoo.datasets import common, motion, shapes
 from tokred.zoo.datasets.common import COLOURS, FORMAT_VERSION, SHAPES, SPLITS, Media
 
@@ -43,6 +45,7 @@ __all__ = [
     "generate",
     "load",
     "open_media",
+    "questions",
     "sample",
 ]
 
@@ -51,6 +54,17 @@ def sample(kind: str, split: str, index: int, seed: int = 0, **params: Any) -> t
     """Record ``index`` of ``split`` and its image (shapes) or list of frames (motion), without touching disk."""
     module = _module(kind)
     return module.sample(common.sample_rng(kind, split, index, seed), split, index, _params(module, params))
+
+
+def questions(kind: str, record: dict, rng: np.random.Generator, **params: Any) -> list[dict]:
+    """Every question the record's scene supports, as ``{type, question, answer, targets}`` (for training
+    on several questions per image or clip; which yes/no and count variants come out depends on ``rng``)."""
+    module = _module(kind)
+    found = module.questions(rng, record["objects"], _params(module, params))
+    return [
+        {"type": qtype, "question": question, "answer": answer, "targets": targets}
+        for qtype, (question, answer, targets) in found
+    ]
 
 
 def generate(kind: str, root: str | os.PathLike, *, n_train: int, n_test: int, seed: int = 0, **params: Any) -> Path:

@@ -92,6 +92,18 @@ def sample(rng: np.random.Generator, split: str, index: int, params: Params) -> 
     return record, frames
 
 
+def questions(rng: np.random.Generator, objects: list[dict], params: Params) -> list[tuple[str, Question]]:
+    """Every (type, question) the clip supports; an appearance time only when it is clear of the thirds' borders."""
+    appearing = [o["appear"] for o in objects if o["appear"] > 0]
+    supported = {
+        "direction": any(o["motion"] != "static" for o in objects),
+        "appeared": bool(appearing),
+        "appear_time": any(t in third_frames(3 * t // params.frames, params.frames) for t in appearing),
+        "count_end": True,
+    }
+    return [(qtype, _TEMPLATES[qtype](rng, objects, params)) for qtype, ok in supported.items() if ok]
+
+
 def scene(rng: np.random.Generator, qtype: str, params: Params) -> list[dict] | None:
     """Objects ``{shape, colour, size, motion, appear, disappear, track}`` in random order, or None when
     placement fails."""

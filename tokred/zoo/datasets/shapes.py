@@ -95,6 +95,16 @@ def sample(rng: np.random.Generator, split: str, index: int, params: Params) -> 
     return record, image
 
 
+def questions(rng: np.random.Generator, objects: list[dict], params: Params) -> list[tuple[str, Question]]:
+    """Every (type, question) the scene supports, about the smallest object and about the others."""
+    return [
+        (qtype, question)
+        for qtype, template in _TEMPLATES.items()
+        for about_smallest in ((False, True) if qtype in SMALLEST_TYPES else (False,))
+        for question in template(rng, objects, about_smallest, params)
+    ]
+
+
 def scene(rng: np.random.Generator, params: Params) -> list[dict] | None:
     """Objects ``{shape, colour, cx, cy, size}`` in random order, or None when placement fails. Colours come
     from a random subset of the palette so that repeated colours (and counts above 1) are common."""
