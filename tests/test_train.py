@@ -8,7 +8,8 @@ from transformers import AutoProcessor
 
 from tokred.zoo import build
 from tokred.zoo.datasets import COLOURS, SHAPES, sample
-from tokred.zoo.train import batch_inputs, chat, probe_targets, token_grid, turns_for
+from tokred.zoo.prompts import chat
+from tokred.zoo.train import batch_inputs, probe_targets, token_grid, turns_for
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])

@@ -65,6 +65,28 @@ def run(args: argparse.Namespace) -> None:
     print(stats)
 
 
+DEFAULT_MODEL = "shapes-motion-qwen2_5_vl"
+DEFAULT_RECIPES = ("fastv-50", "fastv-25", "random-25")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Score stock and tokred configurations of a trained checkpoint on local tasks; write table, JSON, CSV, PNG."""
+    from tokred.eval import evaluate, grid, table, write
+    from tokred.zoo import card, load
+    from tokred.zoo.checkpoints import resolve
+
+    settings = grid(args.methods, args.keep, args.recipes if args.recipes or args.methods else DEFAULT_RECIPES)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load(args.model, attn_implementation="sdpa")
+    model.to(device)
+    tasks = args.tasks or (card(args.model)["tasks"] if (resolve(args.model) / "card.json").is_file() else ["shapes"])
+    rows = evaluate(model, processor, settings, tasks, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+    print(table(rows))
+    run = {key: value for key, value in vars(args).items() if key != "func"} | {"tasks": tasks, "device": device}
+    for kind, path in write(rows, args.out, run).items():
+        print(f"{kind}: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokred", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,8 +104,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_parser.add_argument("--max-new-tokens", type=int, default=8)
     run_parser.set_defaults(func=run)
 
+    eval_parser = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
+    eval_parser.add_argument("--model", default=DEFAULT_MODEL, help="shipped checkpoint name or a checkpoint directory")
+    eval_parser.add_argument("--methods", nargs="+", default=[], help="methods to run at each --keep ratio")
+    eval_parser.add_argument("--keep", nargs="+", type=float, default=[], help="keep ratios for --methods")
+    eval_parser.add_argument(
+        "--recipes", nargs="+", default=[], help=f"presets (default without --methods: {' '.join(DEFAULT_RECIPES)})"
+    )
+    eval_parser.add_argument("--kv", choices=["none"], default="none", help="KV-cache scheme (none yet)")
+    eval_parser.add_argument("--weights", choices=["none"], default="none", help="weight bits (none yet)")
+    eval_parser.add_argument("--tasks", nargs="+", help="local tasks (default: the checkpoint's own)")
+    eval_parser.add_argument("--limit", type=int, help="questions per task (default 200)")
+    eval_parser.add_argument("--batch-size", type=int, default=8)
+    eval_parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    eval_parser.add_argument("--seed", type=int, default=0, help="data seed of the local tasks")
+    eval_parser.add_argument("--out", default="results/eval", help="directory for results.json/.csv and accuracy.png")
+    eval_parser.set_defaults(func=evaluate)
+
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: say what was wrong, no traceback
+        parser.exit(2, f"tokred {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from tokred.adapters import adapter_for
 from tokred.zoo import build
 from tokred.zoo.datasets import COLOURS, SHAPES, questions, sample
+from tokred.zoo.prompts import MEDIA, chat
 
-MEDIA = {"shapes": "image", "motion": "video"}
 PROBE_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, 2, 4)  # colour, shape (0: none), object centre, quadrant
 
 
@@ -59,13 +59,6 @@ def vision_config(family: str, hidden: int, depth: int, image_size: int) -> dict
         "num_attention_heads": heads,
         "patch_size": 28 if image_size >= 224 else 14,
     }
-
-
-def chat(processor, kind: str, question: str, first: bool = True) -> str:
-    """The family's prompt for one user turn, ending with the assistant's prefix; the first turn holds the media."""
-    content = [{"type": MEDIA[kind]}] if first else []
-    content.append({"type": "text", "text": question})
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def batch_inputs(processor, kind: str, items: list[tuple[list[dict], object]], train: bool) -> dict:
@@ -181,22 +174,17 @@ def token_grid(n_tokens: int, media: Image.Image | list[Image.Image]) -> tuple[i
     return slots, side, side
 
 
-def graded(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> list[tuple[dict, bool]]:
-    """The first ``n`` test records of ``kind``, each with whether the greedy answer matches exactly."""
-    results = []
+def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> float:
+    """Exact-match accuracy of greedy answers on the first ``n`` test questions (drawn in memory)."""
+    correct = 0
     for start in range(0, n, batch_size):
         records = [sample(kind, "test", i, seed=seed) for i in range(start, min(n, start + batch_size))]
         inputs = batch_inputs(processor, kind, [([r], m) for r, m in records], train=False)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        results += [(r, a.strip() == r["answer"]) for a, (r, _) in zip(answers, records, strict=True)]
-    return results
-
-
-def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> float:
-    """Exact-match accuracy of greedy answers on the first ``n`` test questions."""
-    return sum(ok for _, ok in graded(model, processor, kind, n, seed, batch_size)) / n
+        correct += sum(a.strip() == r["answer"] for a, (r, _) in zip(answers, records, strict=True))
+    return correct / n
 
 
 def train(args: argparse.Namespace) -> dict:

@@ -1,0 +1,97 @@
+"""Write an evaluation as a printed table, JSON (with the run's configuration and versions), CSV and a plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+
+import tokred
+from tokred.eval.runner import Row
+
+COLUMNS = (
+    ("task", "task", "{}"),
+    ("setting", "setting", "{}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("relative_accuracy", "vs stock", "{:.3f}"),
+    ("smallest_accuracy", "on smallest object", "{:.3f}"),
+    ("vision_tokens_kept", "vision tokens kept", "{:.1f}"),
+    ("ttft_ms", "TTFT ms/batch", "{:.1f}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("peak_memory_mb", "peak MiB", "{:.1f}"),
+    ("kv_bytes", "KV KiB/question", "{:.1f}"),
+)
+
+
+def table(rows: Sequence[Row]) -> str:
+    """A markdown table, one line per (task, setting)."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = getattr(row, key)
+            value = value / 1024 if key == "kv_bytes" else value
+            cells.append("n/a" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    """Versions and machine, recorded with every result."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return {
+        "tokred": tokred.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write(rows: Sequence[Row], out: str | Path, run: dict) -> dict[str, Path]:
+    """``results.json`` (run configuration, versions, rows), ``results.csv`` and ``accuracy.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "png": out / "accuracy.png"}
+    data = {"run": run, "environment": environment(), "rows": [r.as_dict() for r in rows]}
+    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].as_dict()))
+        writer.writeheader()
+        writer.writerows(r.as_dict() for r in rows)
+    plot(rows, paths["png"])
+    return paths
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Accuracy vs vision tokens kept, one panel per task, one line per method, stock as a dashed level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        task_rows = [r for r in rows if r.task == task]
+        for method in dict.fromkeys(r.method for r in task_rows):
+            points = sorted((r.vision_tokens_kept, r.accuracy) for r in task_rows if r.method == method)
+            if method == "stock":
+                (x, y), label = points[0], f"stock ({points[0][0]:.0f} tokens)"
+                ax.axhline(y, color="black", linestyle="--", linewidth=1)
+                ax.plot([x], [y], "k*", markersize=10, label=label)
+                continue
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=method)
+        ax.set(title=task, xlabel="vision tokens kept per question (mean)", ylabel="accuracy", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

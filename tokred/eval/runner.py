@@ -1,0 +1,195 @@
+"""Score a grid of tokred configurations on local tasks: accuracy, kept tokens, latency, memory, KV size.
+
+Every setting sees the same questions in the same batches, one after the other on one loaded model, so
+their ratios are comparable; the stock model runs patched with the ``"none"`` recipe (bit-identical to
+unpatched) so that its kept-token count is measured the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import tokred
+from tokred.config import PRESETS, Config
+from tokred.eval.tasks import Question, check, medium, questions
+from tokred.methods import METHODS
+from tokred.zoo.prompts import chat
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One column of the grid: a name, what `tokred.patch` gets, and the method and keep it stands for."""
+
+    name: str
+    config: Config | str
+    method: str = "stock"
+    keep: float = 1.0
+
+
+STOCK = Setting("stock", "none")
+
+
+def grid(methods: Sequence[str] = (), keeps: Sequence[float] = (), recipes: Sequence[str] = ()) -> list[Setting]:
+    """Stock, then each method at each keep ratio, then each named preset; clear errors for unknown names."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(sorted(METHODS))}")
+    unknown = [r for r in recipes if r not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; recipes are: {', '.join(PRESETS)}")
+    if methods and not keeps:
+        raise ValueError("--methods needs at least one --keep ratio")
+    settings = [STOCK]
+    settings += [Setting(f"{m} keep {k:g}", Config(prune=METHODS[m](keep=k)), m, k) for m in methods for k in keeps]
+    for name in recipes:
+        prune = PRESETS[name].prune
+        method = prune[0] if prune else None
+        settings.append(Setting(name, name, type(method).name if method else "stock", getattr(method, "keep", 1.0)))
+    return settings
+
+
+@dataclass
+class Row:
+    """The measurements of one setting on one task (means are per question unless named per batch)."""
+
+    task: str
+    setting: str
+    method: str
+    keep: float
+    questions: int
+    accuracy: float
+    relative_accuracy: float | None
+    smallest_accuracy: float | None  # on the questions about each scene's smallest object (ShapesVQA)
+    vision_tokens_in: float
+    vision_tokens_kept: float
+    ttft_ms: float  # mean over batches: from generate() to the first token's logits, vision encoder included
+    decode_tokens_per_s: float  # batch rows x decode steps / decode time, summed over batches
+    peak_memory_mb: float | None  # CUDA peak allocated during the setting; None on the CPU
+    kv_bytes: float  # KV cache size after generation, per question
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Clock(LogitsProcessor):
+    """Timestamps of each generation step (generate calls logits processors once per step)."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.is_cuda:
+            torch.cuda.synchronize(scores.device)
+        self.ticks.append(time.perf_counter())
+        return scores
+
+
+def kv_bytes(cache) -> int:
+    """Bytes held by a transformers cache's key and value tensors."""
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def evaluate(
+    model,
+    processor,
+    settings: Sequence[Setting],
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Row]:
+    """Rows for every (task, setting): the same questions, batches and greedy decoding for each setting."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for task in tasks:
+        check(task)
+    rows = []
+    for task in tasks:
+        items = questions(task, limit, seed)
+        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        bar = tqdm(total=len(batches) * len(settings), desc=task, disable=not progress, unit="batch")
+        stock: float | None = None
+        for setting in settings:
+            row = _run(model, processor, task, setting, batches, max_new_tokens, bar)
+            if setting.method == "stock" and stock is None:
+                stock = row.accuracy
+            row.relative_accuracy = row.accuracy / stock if stock else None
+            rows.append(row)
+        bar.close()
+    return rows
+
+
+def _run(model, processor, task: str, setting: Setting, batches: list[list[Question]], max_new_tokens: int, bar) -> Row:
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    correct = n = vision_in = vision_kept = kv = 0
+    small: list[bool] = []
+    ttft, decode_steps, decode_time = [], 0, 0.0
+    with tokred.patched(model, setting.config):
+        _generate(model, processor, task, batches[0][:1], max_new_tokens, device)  # warm-up, not measured
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for batch in batches:
+            clock = _Clock()
+            start = time.perf_counter()
+            answers, cache = _generate(model, processor, task, batch, max_new_tokens, device, clock)
+            ttft.append(clock.ticks[0] - start)
+            decode_steps += (len(clock.ticks) - 1) * len(batch)
+            decode_time += clock.ticks[-1] - clock.ticks[0]
+            counts = tokred.stats(model).vision_tokens
+            vision_in += sum(counts["input"])
+            vision_kept += sum(list(counts.values())[-1])
+            kv += kv_bytes(cache)
+            right = [a == q.answer for a, q in zip(answers, batch, strict=True)]
+            correct += sum(right)
+            small += [ok for ok, q in zip(right, batch, strict=True) if q.record.get("about_smallest")]
+            n += len(batch)
+            bar.update()
+    return Row(
+        task=task,
+        setting=setting.name,
+        method=setting.method,
+        keep=setting.keep,
+        questions=n,
+        accuracy=correct / n,
+        relative_accuracy=None,
+        smallest_accuracy=sum(small) / len(small) if small else None,
+        vision_tokens_in=vision_in / n,
+        vision_tokens_kept=vision_kept / n,
+        ttft_ms=1e3 * sum(ttft) / len(ttft),
+        decode_tokens_per_s=decode_steps / decode_time if decode_time > 0 else 0.0,
+        peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        kv_bytes=kv / n,
+    )
+
+
+def _generate(model, processor, task: str, batch: Iterable[Question], max_new_tokens: int, device, clock=None):
+    """Greedy answers (stripped) and the final cache for one batch of questions."""
+    batch = list(batch)
+    texts = [chat(processor, task, q.record["question"]) for q in batch]
+    key = "images" if medium(task) == "image" else "videos"
+    inputs = processor(text=texts, **{key: [q.media for q in batch]}, return_tensors="pt", padding=True).to(device)
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock] if clock else []),
+            return_dict_in_generate=True,
+        )
+    answers = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers], out.past_key_values

@@ -1,0 +1,78 @@
+"""Local evaluation tasks: tokred's synthetic benchmarks, written once to disk and read back from files.
+
+The runner and the lmms-eval plugin read the same jsonl and PNG files, so both score the same questions.
+Files live under ``$TOKRED_CACHE/data/seed<seed>/<task>/`` (default root ``~/.cache/tokred``) and are
+generated on first use; generation is bit-identical, and a request for more questions than are on disk
+regenerates the split with the extra ones (earlier records never change).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokred.zoo import datasets
+from tokred.zoo.prompts import MEDIA
+
+LOCAL_TASKS: tuple[str, ...] = tuple(datasets.KINDS)
+"""Tasks that run offline from tokred's own data: ``("shapes", "motion")``."""
+
+DEFAULT_QUESTIONS = 200
+
+
+@dataclass(frozen=True)
+class Question:
+    """One test question: its record (question, answer, type, ...) and its image or frames."""
+
+    record: dict
+    media: datasets.Media
+
+    @property
+    def answer(self) -> str:
+        return self.record["answer"]
+
+
+def data_root(seed: int = 0) -> Path:
+    root = os.environ.get("TOKRED_CACHE") or Path.home() / ".cache" / "tokred"
+    return Path(root).expanduser() / "data" / f"seed{seed}"
+
+
+def ensure(task: str, n: int = DEFAULT_QUESTIONS, seed: int = 0, root: str | os.PathLike | None = None) -> Path:
+    """The directory of ``task``'s files with at least ``n`` test questions, generating them if needed."""
+    check(task)
+    root = Path(root) if root is not None else data_root(seed)
+    meta = root / task / "meta.json"
+    try:
+        have = json.loads(meta.read_text())["counts"]["test"]
+    except (OSError, ValueError, KeyError):
+        have = -1
+    if have < n:
+        datasets.generate(task, root, n_train=0, n_test=n, seed=seed)
+    return root / task
+
+
+def questions(
+    task: str, limit: int | None = None, seed: int = 0, root: str | os.PathLike | None = None
+) -> list[Question]:
+    """The first ``limit`` (default 200) test questions of a local task, read from its files."""
+    n = DEFAULT_QUESTIONS if limit is None else limit
+    if n < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    directory = ensure(task, n, seed, root)
+    records = datasets.load(task, directory.parent, "test")[:n]
+    return [Question(r, datasets.open_media(task, directory.parent, r)) for r in records]
+
+
+def medium(task: str) -> str:
+    return MEDIA[check(task)]
+
+
+def check(task: str) -> str:
+    if task not in LOCAL_TASKS:
+        raise ValueError(
+            f"unknown local task {task!r}; local tasks are: {', '.join(LOCAL_TASKS)} "
+            "(standard benchmarks such as mme or videomme run with --backend lmms-eval)"
+        )
+    return task
