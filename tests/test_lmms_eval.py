@@ -1,0 +1,73 @@
+"""The lmms-eval plugin: lmms-eval itself, offline, scores a checkpoint exactly as `tokred eval` does."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+import tokred  # noqa: E402
+from tokred.eval import STOCK, evaluate, grid  # noqa: E402
+from tokred.eval.lmms_tasks import include_path  # noqa: E402
+from tokred.zoo import available, build, card, load  # noqa: E402
+
+LIMIT = 12
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TOKRED_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_datasets"))
+
+
+def checkpoints() -> list[str]:
+    trained = [name for name in available() if "shapes" in card(name)["tasks"]]
+    return trained or ["random-qwen2_5_vl"]
+
+
+def lmms_accuracy(path: str, base: str, recipe: str) -> tuple[float, object]:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.models import get_model
+    from lmms_eval.tasks import TaskManager
+
+    args = f"base={base},pretrained={path},recipe={recipe},dtype=float32,device=cpu"
+    lm = get_model("tokred").create_from_arg_string(args, {"batch_size": 1})
+    model = lm._model  # lmms-eval deletes it from the wrapper when the run ends
+    tasks = TaskManager(include_path=str(include_path(LIMIT)), include_defaults=False)
+    result = simple_evaluate(model=lm, tasks=["tokred_shapes"], limit=LIMIT, task_manager=tasks, bootstrap_iters=0)
+    return result["results"]["tokred_shapes"]["exact_match,none"], model
+
+
+@pytest.mark.parametrize("name", checkpoints())
+@pytest.mark.parametrize("recipe", ["none", "fastv-25"])
+def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, recipe, tmp_path):
+    path = str(build("qwen2_5_vl", tmp_path / "q") if name.startswith("random-") else name)
+    family = card(name)["family"] if name in available() else "qwen2_5_vl"
+    base = "llava_hf" if family.startswith("llava") else family
+    accuracy, lmms_model = lmms_accuracy(path, base, recipe)
+    kept = tokred.stats(lmms_model).vision_tokens
+    assert kept["input"] == [kept["input"][0]] and list(kept.values())[-1][0] == (
+        kept["input"][0] if recipe == "none" else (kept["input"][0] + 2) // 4
+    )
+
+    model, processor = load(path)
+    settings = [STOCK] if recipe == "none" else grid(recipes=[recipe])[1:]
+    (row,) = evaluate(model, processor, settings, ["shapes"], limit=LIMIT, batch_size=1, progress=False)
+    assert accuracy == row.accuracy
+
+
+def test_unknown_base_is_explained():
+    from lmms_eval.models import get_model
+
+    with pytest.raises(ValueError, match="base=<lmms-eval model>, one of: qwen2_5_vl, qwen2_vl, qwen3_vl, llava_hf"):
+        get_model("tokred").create_from_arg_string("base=blip2,pretrained=x", {})
+
+
+def test_kv_schemes_are_refused_until_they_exist(tmp_path):
+    from lmms_eval.models import get_model
+
+    path = build("qwen2_5_vl", tmp_path / "q")
+    with pytest.raises(ValueError, match="kv='vidkv' is not available yet; allowed: none"):
+        get_model("tokred").create_from_arg_string(f"base=qwen2_5_vl,pretrained={path},kv=vidkv,device=cpu", {})

@@ -1,0 +1,92 @@
+"""The lmms-eval model ``tokred``: lmms-eval's own class for a family, loaded as usual, then `tokred.patch`-ed.
+
+    python -m lmms_eval --model tokred \\
+        --model_args base=qwen2_5_vl,pretrained=PATH,recipe=fastv-25 --tasks ... --device cpu
+
+Registered through the ``lmms_eval.models`` entry point (pyproject.toml), which lmms-eval >= 0.7 reads when it
+starts. Prompts, media loading and decoding stay lmms-eval's; tokred only adds its hooks to the loaded model.
+Model args besides the base class's own: ``base`` (lmms-eval model name), ``recipe`` (preset or method name,
+default the family's recommended one), ``keep`` (with a method name), ``kv`` and ``weights`` (``none`` for now),
+and ``dtype`` (reload the weights at this dtype; lmms-eval's Qwen classes load bfloat16). ``pretrained`` may be a
+shipped tokred checkpoint name. ``device_map`` defaults to ``device`` so that CPU runs stay on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+
+import tokred
+from tokred.config import Config
+from tokred.methods import METHODS
+from tokred.zoo.checkpoints import resolve
+
+BASES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_hf")
+"""lmms-eval model names that ``base`` may take (llava_hf covers LLaVA and LLaVA-OneVision on transformers)."""
+
+
+class Tokred(lmms):
+    """``--model tokred``: builds lmms-eval's class for ``base`` with tokred applied (see the module docstring)."""
+
+    is_simple = False
+
+    def __new__(cls, base: str = "", **kwargs: Any):  # returns an instance of the patched base class
+        if base not in BASES:
+            raise ValueError(f"tokred needs base=<lmms-eval model>, one of: {', '.join(BASES)}; got {base!r}")
+        return _patched_class(base)(**kwargs)
+
+
+@functools.cache
+def _patched_class(base: str) -> type:
+    """A subclass of lmms-eval's class for ``base`` (chat when it has one) that patches the model it loads."""
+    from lmms_eval.models import get_model  # not at import: lmms-eval imports this module while building its registry
+
+    parent = get_model(base)
+
+    class Patched(parent):
+        def __init__(
+            self,
+            pretrained: str,
+            recipe: str | None = None,
+            keep: float | None = None,
+            kv: str = "none",
+            weights: str = "none",
+            dtype: str | None = None,
+            **kwargs: Any,
+        ) -> None:
+            for name, value in (("kv", kv), ("weights", weights)):
+                if value != "none":
+                    raise ValueError(f"{name}={value!r} is not available yet; allowed: none")
+            config = recipe_config(recipe, keep)
+            kwargs.setdefault("device_map", kwargs.get("device") or "cpu")
+            path = str(resolve(pretrained))
+            super().__init__(pretrained=path, **kwargs)
+            if dtype is not None and self._model.dtype != getattr(torch, dtype):
+                attn = self._model.config._attn_implementation
+                self._model = (
+                    type(self._model)
+                    .from_pretrained(
+                        path, dtype=getattr(torch, dtype), device_map=kwargs["device_map"], attn_implementation=attn
+                    )
+                    .eval()
+                )
+            tokred.patch(self._model, config)
+
+    Patched.__name__ = Patched.__qualname__ = f"Tokred_{parent.__name__}"
+    return Patched
+
+
+def recipe_config(recipe: str | None, keep: float | None) -> Config | str | None:
+    """``recipe`` (a preset or method name) and an optional ``keep`` as what `tokred.patch` takes."""
+    if keep is None:
+        return recipe
+    if recipe not in METHODS:
+        raise ValueError(f"keep= goes with a method name ({', '.join(sorted(METHODS))}), got recipe={recipe!r}")
+    return Config(prune=METHODS[recipe](keep=float(keep)))
+
+
+MANIFEST = ModelManifest(model_id="tokred", chat_class_path="tokred.eval.lmms.Tokred")

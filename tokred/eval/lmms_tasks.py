@@ -1,0 +1,72 @@
+"""lmms-eval task YAMLs for tokred's local benchmarks, written next to the data they read.
+
+`include_path()` makes sure the test questions exist (the same files `tokred eval` reads), writes
+``tokred_shapes.jsonl`` with absolute image paths and ``tokred_shapes.yaml``, and returns the directory to
+pass as lmms-eval's ``--include_path``. Scoring is exact match on the stripped answer, as in `tokred eval`.
+MotionVQA is not offered yet: lmms-eval's model classes take videos as files, the benchmark ships frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from tokred.eval.tasks import DEFAULT_QUESTIONS, data_root, ensure
+from tokred.zoo import datasets
+
+TASKS = {"shapes": "tokred_shapes"}
+"""Local task -> lmms-eval task name."""
+
+_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function tokred.eval.lmms_tasks.doc_to_visual
+doc_to_text: !function tokred.eval.lmms_tasks.doc_to_text
+doc_to_target: answer
+process_results: !function tokred.eval.lmms_tasks.process_results
+generation_kwargs:
+  max_new_tokens: 8
+  temperature: 0
+  do_sample: false
+  until: ["\\n"]
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def include_path(n: int = DEFAULT_QUESTIONS, seed: int = 0, root: str | os.PathLike | None = None) -> Path:
+    """Write the task files for the first ``n`` test questions of each local task; return their directory."""
+    out = Path(root) if root is not None else data_root(seed) / "lmms_tasks"
+    out.mkdir(parents=True, exist_ok=True)
+    for task, name in TASKS.items():
+        directory = ensure(task, n, seed)
+        records = datasets.load(task, directory.parent, "test")[:n]
+        lines = [json.dumps({**r, "image": str(directory / r["image"])}) for r in records]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        (out / f"{name}.yaml").write_text(_YAML.format(name=name, data=out / f"{name}.jsonl"))
+    return out
+
+
+def doc_to_visual(doc: dict) -> list[Image.Image]:
+    with Image.open(doc["image"]) as image:
+        return [image.convert("RGB")]
+
+
+def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
+    return doc["question"]
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"exact_match": float(results[0].strip() == doc["answer"])}
