@@ -198,15 +198,20 @@ def train(args: argparse.Namespace) -> dict:
         "num_key_value_heads": max(1, args.hidden // 64),
     }
     vision = vision_config(args.family, args.vision_hidden, args.vision_depth, args.image_size)
-    with tempfile.TemporaryDirectory() as init:
-        build(args.family, init, seed=args.seed, vision=vision, image_size=args.image_size, **text)
+    previous = json.loads((Path(args.init) / "card.json").read_text()) if args.init else None
+    with tempfile.TemporaryDirectory() as scratch:
+        init = args.init or build(
+            args.family, scratch, seed=args.seed, vision=vision, image_size=args.image_size, **text
+        )
         model = AutoModelForImageTextToText.from_pretrained(init, attn_implementation="sdpa").train()
         processor = AutoProcessor.from_pretrained(init)
+    if previous:  # the sizes are the earlier run's; its samples are skipped so that every sample is new
+        text, vision, args.family = previous["text"], previous["vision"], previous["family"]
     vision_ids = torch.tensor(list(adapter_for(model).token_ids().values()))
-    llm_inputs, probe = LLMInputs(model), Probe(args.hidden)
+    llm_inputs, probe = LLMInputs(model), Probe(model.config.get_text_config().hidden_size)
     params = [*model.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    start, step, index = time.monotonic(), 0, 0
+    start, step, index = time.monotonic(), 0, previous["media_seen"] if previous else 0
 
     def progress() -> float:
         return min(1.0, max(step / args.steps, (time.monotonic() - start) / (60 * args.minutes)))
@@ -256,7 +261,8 @@ def train(args: argparse.Namespace) -> dict:
         "aux_weight": args.aux_weight,
         "size_mb": None,
         "lr": args.lr,
-        "train_minutes": round(minutes, 1),
+        "train_minutes": round(minutes + (previous["train_minutes"] if previous else 0), 1),
+        "continued_from": previous,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {next(model.parameters()).device}",
         "test_accuracy": results,
         "eval_questions": args.eval_n,
@@ -275,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--task", action="append", choices=list(MEDIA), help="repeat to train on several, in turn (default: shapes)"
     )
     parser.add_argument("--out", required=True)
+    parser.add_argument("--init", help="continue from this trained checkpoint (its card's sizes; new samples only)")
     parser.add_argument("--hidden", type=int, default=128, help="LLM width")
     parser.add_argument("--layers", type=int, default=4, help="LLM layers")
     parser.add_argument("--vision-hidden", type=int, default=96)
