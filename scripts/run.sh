@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKRED_CACHE="${TOKRED_CACHE:-$PWD/.cache}"
-tokred run "$@"
+tokred eval "$@"
