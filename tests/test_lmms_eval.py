@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 pytest.importorskip("lmms_eval")
 
 import tokred  # noqa: E402
+from tokred.cli import main  # noqa: E402
 from tokred.eval import STOCK, evaluate, grid  # noqa: E402
 from tokred.eval.lmms_tasks import include_path  # noqa: E402
 from tokred.zoo import available, build, card, load  # noqa: E402
@@ -71,3 +75,28 @@ def test_kv_schemes_are_refused_until_they_exist(tmp_path):
     path = build("qwen2_5_vl", tmp_path / "q")
     with pytest.raises(ValueError, match="kv='vidkv' is not available yet; allowed: none"):
         get_model("tokred").create_from_arg_string(f"base=qwen2_5_vl,pretrained={path},kv=vidkv,device=cpu", {})
+
+
+def test_backend_runs_lmms_eval_tasks_through_the_plugin(tmp_path, capsys):
+    path = build("qwen2_5_vl", tmp_path / "q")
+    out = tmp_path / "out"
+    args = ["eval", "--backend", "lmms-eval", "--model", str(path), "--recipes", "random-25", "--limit", "2"]
+    main([*args, "--batch-size", "1", "--device", "cpu", "--out", str(out)])
+    rows = json.loads((out / "lmms_results.json").read_text())["rows"]
+    assert [(r["task"], r["setting"]) for r in rows] == [("tokred_shapes", "stock"), ("tokred_shapes", "random-25")]
+    assert all(0.0 <= r["exact_match,none"] <= 1.0 for r in rows)
+    assert "| tokred_shapes | random-25 | exact_match,none |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ("mmee", r"unknown lmms-eval task 'mmee'; closest: mme"),
+        ("mme", r"task 'mme' reads the Hugging Face dataset 'lmms-lab\S*MME', which is not available here .*looked in"),
+    ],
+)
+def test_backend_explains_unknown_tasks_and_missing_data(tmp_path, capsys, task, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--backend", "lmms-eval", "--model", str(tmp_path), "--tasks", task, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

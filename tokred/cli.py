@@ -77,13 +77,23 @@ def evaluate(args: argparse.Namespace) -> None:
 
     settings = grid(args.methods, args.keep, args.recipes if args.recipes or args.methods else DEFAULT_RECIPES)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    run = {key: value for key, value in vars(args).items() if key != "func"} | {"device": device}
+    if args.backend == "lmms-eval":
+        from tokred.eval import lmms_run
+
+        tasks = args.tasks or ["tokred_shapes"]
+        rows = lmms_run.evaluate(
+            args.model, settings, tasks, limit=args.limit, batch_size=args.batch_size, device=device, seed=args.seed
+        )
+        print(lmms_run.table(rows))
+        print(f"json: {lmms_run.write(rows, args.out, run | {'tasks': tasks})}")
+        return
     model, processor = load(args.model, attn_implementation="sdpa")
     model.to(device)
     tasks = args.tasks or (card(args.model)["tasks"] if (resolve(args.model) / "card.json").is_file() else ["shapes"])
     rows = evaluate(model, processor, settings, tasks, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
     print(table(rows))
-    run = {key: value for key, value in vars(args).items() if key != "func"} | {"tasks": tasks, "device": device}
-    for kind, path in write(rows, args.out, run).items():
+    for kind, path in write(rows, args.out, run | {"tasks": tasks}).items():
         print(f"{kind}: {path}")
 
 
@@ -113,7 +123,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     eval_parser.add_argument("--kv", choices=["none"], default="none", help="KV-cache scheme (none yet)")
     eval_parser.add_argument("--weights", choices=["none"], default="none", help="weight bits (none yet)")
-    eval_parser.add_argument("--tasks", nargs="+", help="local tasks (default: the checkpoint's own)")
+    eval_parser.add_argument(
+        "--backend",
+        choices=["tokred", "lmms-eval"],
+        default="tokred",
+        help="tokred's runner on local tasks, or lmms-eval (its tasks, e.g. mme videomme, or tokred_shapes)",
+    )
+    eval_parser.add_argument("--tasks", nargs="+", help="tasks (default: the checkpoint's own / tokred_shapes)")
     eval_parser.add_argument("--limit", type=int, help="questions per task (default 200)")
     eval_parser.add_argument("--batch-size", type=int, default=8)
     eval_parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

@@ -1,0 +1,128 @@
+"""`tokred eval --backend lmms-eval`: lmms-eval tasks (standard benchmarks or tokred's own) for a grid of settings.
+
+Each setting runs lmms-eval's ``simple_evaluate`` with the ``tokred`` plugin model, so the numbers are lmms-eval's.
+Before anything loads, every task is checked: unknown names get the closest known ones, and a task whose
+Hugging Face dataset is not available here (offline, not in the datasets cache) says which dataset and where
+it looked, instead of lmms-eval's retries and a logged traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from tokred.eval.lmms_tasks import include_path
+from tokred.eval.runner import Setting
+from tokred.eval.tasks import DEFAULT_QUESTIONS
+from tokred.zoo.checkpoints import resolve
+
+BASE = {
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen2_vl": "qwen2_vl",
+    "qwen3_vl": "qwen3_vl",
+    "llava": "llava_hf",
+    "llava_onevision": "llava_hf",
+}
+"""Checkpoint model_type -> the lmms-eval model class the plugin wraps."""
+
+
+def task_manager(limit: int | None, seed: int):
+    """lmms-eval's task index with tokred's local task YAMLs included."""
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path(limit or DEFAULT_QUESTIONS, seed)))
+
+
+def check_tasks(manager, tasks: Sequence[str]) -> None:
+    """Unknown task names and tasks whose data is not available raise ValueError / FileNotFoundError."""
+    import datasets
+
+    known = manager.all_tasks
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown lmms-eval task {task!r}{hint} (`python -m lmms_eval tasks` lists them)")
+        if manager.task_index[task]["type"] != "task":
+            continue  # groups and tags: their member tasks are checked by lmms-eval itself
+        config = manager._get_config(task)
+        source = config.get("dataset_path")
+        if source in ("json", "csv", "parquet", "text") or (source and Path(source).exists()):
+            continue
+        try:
+            datasets.load_dataset_builder(source, name=config.get("dataset_name"))
+        except Exception as error:  # offline misses surface as ConnectionError, FileNotFoundError, ...
+            where = datasets.config.HF_DATASETS_CACHE
+            offline = " (offline)" if os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE") else ""
+            raise FileNotFoundError(
+                f"lmms-eval task {task!r} reads the Hugging Face dataset {source!r}, which is not available "
+                f"here{offline}: looked in HF_DATASETS_CACHE={where} ({type(error).__name__}). Download it where "
+                "the hub is reachable and point HF_DATASETS_CACHE at it."
+            ) from error
+
+
+def model_args(path: Path, setting: Setting, device: str) -> str:
+    family = AutoConfig.from_pretrained(path).model_type
+    if family not in BASE:
+        raise ValueError(f"{path} is a {family!r} checkpoint; lmms-eval runs: {', '.join(sorted(BASE))}")
+    recipe = setting.config if isinstance(setting.config, str) else f"{setting.method},keep={setting.keep}"
+    dtype = ",dtype=float32" if device == "cpu" else ""  # lmms-eval's Qwen classes load bfloat16
+    return f"base={BASE[family]},pretrained={path},recipe={recipe}{dtype}"  # simple_evaluate passes device
+
+
+def evaluate(
+    model: str,
+    settings: Sequence[Setting],
+    tasks: Sequence[str],
+    *,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    seed: int,
+) -> list[dict]:
+    """One row per (task, setting) with lmms-eval's metrics for it."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    manager = task_manager(limit, seed)
+    check_tasks(manager, tasks)
+    path = resolve(model)
+    rows = []
+    for setting in settings:
+        result = simple_evaluate(
+            model="tokred",
+            model_args=model_args(path, setting, device),
+            tasks=list(tasks),
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=manager,
+            bootstrap_iters=0,
+        )
+        if result is None:  # not the main process of a distributed launch
+            continue
+        for task, metrics in result["results"].items():
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+            rows.append({"task": task, "setting": setting.name, **numbers})
+    return rows
+
+
+def write(rows: list[dict], out: str | Path, run: dict) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "lmms_results.json"
+    path.write_text(json.dumps({"run": run, "rows": rows}, indent=2, default=str) + "\n")
+    return path
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | setting | metric | value |", "|---|---|---|---|"]
+    for row in rows:
+        for metric, value in row.items():
+            if metric not in ("task", "setting"):
+                lines.append(f"| {row['task']} | {row['setting']} | {metric} | {value:.4f} |")
+    return "\n".join(lines)
