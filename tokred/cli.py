@@ -66,16 +66,25 @@ def run(args: argparse.Namespace) -> None:
 
 
 DEFAULT_MODEL = "shapes-motion-qwen2_5_vl"
+"""`tokred eval`'s model when none is given; until it ships, a random-weight zoo build stands in (with a warning)."""
 DEFAULT_RECIPES = ("fastv-50", "fastv-25", "random-25")
 
 
 def evaluate(args: argparse.Namespace) -> None:
     """Score stock and tokred configurations of a trained checkpoint on local tasks; write table, JSON, CSV, PNG."""
-    from tokred.eval import evaluate, grid, table, write
-    from tokred.zoo import card, load
+    from tokred.eval import LOCAL_TASKS, evaluate, grid, table, write
+    from tokred.zoo import available, card, load
     from tokred.zoo.checkpoints import resolve
 
     settings = grid(args.methods, args.keep, args.recipes if args.recipes or args.methods else DEFAULT_RECIPES)
+    if args.model is None and DEFAULT_MODEL in available():
+        args.model = DEFAULT_MODEL
+    elif args.model is None:
+        args.model = str(build("qwen2_5_vl"))
+        print(
+            f"warning: no trained checkpoint ({DEFAULT_MODEL}) is shipped in this installation yet, so this runs a "
+            "random-weight zoo build: accuracies are noise; kept tokens, KV bytes and timings are real."
+        )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     run = {key: value for key, value in vars(args).items() if key != "func"} | {"device": device}
     if args.backend == "lmms-eval":
@@ -90,7 +99,9 @@ def evaluate(args: argparse.Namespace) -> None:
         return
     model, processor = load(args.model, attn_implementation="sdpa")
     model.to(device)
-    tasks = args.tasks or (card(args.model)["tasks"] if (resolve(args.model) / "card.json").is_file() else ["shapes"])
+    tasks = args.tasks or (
+        card(args.model)["tasks"] if (resolve(args.model) / "card.json").is_file() else list(LOCAL_TASKS)
+    )
     rows = evaluate(model, processor, settings, tasks, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
     print(table(rows))
     for kind, path in write(rows, args.out, run | {"tasks": tasks}).items():
@@ -115,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_parser.set_defaults(func=run)
 
     eval_parser = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
-    eval_parser.add_argument("--model", default=DEFAULT_MODEL, help="shipped checkpoint name or a checkpoint directory")
+    eval_parser.add_argument(
+        "--model", help=f"shipped checkpoint name or a checkpoint directory (default: {DEFAULT_MODEL})"
+    )
     eval_parser.add_argument("--methods", nargs="+", default=[], help="methods to run at each --keep ratio")
     eval_parser.add_argument("--keep", nargs="+", type=float, default=[], help="keep ratios for --methods")
     eval_parser.add_argument(

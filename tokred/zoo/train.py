@@ -179,7 +179,7 @@ def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 2
     correct = 0
     for start in range(0, n, batch_size):
         records = [sample(kind, "test", i, seed=seed) for i in range(start, min(n, start + batch_size))]
-        inputs = batch_inputs(processor, kind, [([r], m) for r, m in records], train=False)
+        inputs = batch_inputs(processor, kind, [([r], m) for r, m in records], train=False).to(model.device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -203,12 +203,12 @@ def train(args: argparse.Namespace) -> dict:
         init = args.init or build(
             args.family, scratch, seed=args.seed, vision=vision, image_size=args.image_size, **text
         )
-        model = AutoModelForImageTextToText.from_pretrained(init, attn_implementation="sdpa").train()
+        model = AutoModelForImageTextToText.from_pretrained(init, attn_implementation="sdpa").to(args.device).train()
         processor = AutoProcessor.from_pretrained(init)
     if previous:  # the sizes are the earlier run's; its samples are skipped so that every sample is new
         text, vision, args.family = previous["text"], previous["vision"], previous["family"]
-    vision_ids = torch.tensor(list(adapter_for(model).token_ids().values()))
-    llm_inputs, probe = LLMInputs(model), Probe(model.config.get_text_config().hidden_size)
+    vision_ids = torch.tensor(list(adapter_for(model).token_ids().values()), device=args.device)
+    llm_inputs, probe = LLMInputs(model), Probe(model.config.get_text_config().hidden_size).to(args.device)
     params = [*model.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     start, step, index = time.monotonic(), 0, previous["media_seen"] if previous else 0
@@ -224,16 +224,17 @@ def train(args: argparse.Namespace) -> dict:
         records = [sample(kind, "train", index + i, seed=args.seed) for i in range(args.batch_size)]
         index += args.batch_size
         items = [(turns_for(kind, r, rng, args.questions), m) for r, m in records]
-        inputs = batch_inputs(processor, kind, items, train=True)
-        answer_loss = model(**inputs).loss
+        inputs = batch_inputs(processor, kind, items, train=True).to(args.device)
+        with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.device != "cpu"):
+            answer_loss = model(**inputs).loss
         vision_rows = torch.isin(inputs["input_ids"], vision_ids)
         targets = torch.cat(
             [
                 probe_targets(r, token_grid(int(n), m), _frames(m)[0].width)
                 for (r, m), n in zip(records, vision_rows.sum(dim=1), strict=True)
             ]
-        )
-        probe_loss = probe.loss(llm_inputs.embeds[vision_rows], targets)
+        ).to(args.device)
+        probe_loss = probe.loss(llm_inputs.embeds[vision_rows].float(), targets)
         (answer_loss + args.aux_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), optimizer.zero_grad()
@@ -296,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=200)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 autocast on GPUs"
+    )
     parser.add_argument("--log-every", type=int, default=20)
     args = parser.parse_args(argv)
     args.task = args.task or ["shapes"]
