@@ -1,10 +1,10 @@
 """tokred: fewer vision tokens, cheaper caches and lighter weights for transformers VLMs, in one line."""
 
 from tokred.config import PRESETS, Config
-from tokred.methods import FastV, Random
+from tokred.methods import METHODS, FastV, Random
 from tokred.patch import patch, patched, stats, unpatch
 from tokred.stats import Stats
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "Config", "FastV", "Random", "Stats", "patch", "patched", "stats", "unpatch"]
+__all__ = ["METHODS", "PRESETS", "Config", "FastV", "Random", "Stats", "patch", "patched", "stats", "unpatch"]

@@ -21,8 +21,6 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
 import tokred
-from tokred.config import Config
-from tokred.methods import METHODS
 from tokred.zoo.checkpoints import resolve
 
 BASES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_hf")
@@ -80,13 +78,13 @@ def _patched_class(base: str) -> type:
     return Patched
 
 
-def recipe_config(recipe: str | None, keep: float | None) -> Config | str | None:
+def recipe_config(recipe: str | None, keep: float | None) -> tokred.Config | str | None:
     """``recipe`` (a preset or method name) and an optional ``keep`` as what `tokred.patch` takes."""
     if keep is None:
         return recipe
-    if recipe not in METHODS:
-        raise ValueError(f"keep= goes with a method name ({', '.join(sorted(METHODS))}), got recipe={recipe!r}")
-    return Config(prune=METHODS[recipe](keep=float(keep)))
+    if recipe not in tokred.METHODS:
+        raise ValueError(f"keep= goes with a method name ({', '.join(sorted(tokred.METHODS))}), got recipe={recipe!r}")
+    return tokred.Config(prune=tokred.METHODS[recipe](keep=float(keep)))
 
 
 MANIFEST = ModelManifest(model_id="tokred", chat_class_path="tokred.eval.lmms.Tokred")

@@ -16,9 +16,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokred
-from tokred.config import PRESETS, Config
 from tokred.eval.tasks import Question, check, medium, questions
-from tokred.methods import METHODS
 from tokred.zoo.prompts import chat
 
 
@@ -27,7 +25,7 @@ class Setting:
     """One column of the grid: a name, what `tokred.patch` gets, and the method and keep it stands for."""
 
     name: str
-    config: Config | str
+    config: tokred.Config | str
     method: str = "stock"
     keep: float = 1.0
 
@@ -37,18 +35,20 @@ STOCK = Setting("stock", "none")
 
 def grid(methods: Sequence[str] = (), keeps: Sequence[float] = (), recipes: Sequence[str] = ()) -> list[Setting]:
     """Stock, then each method at each keep ratio, then each named preset; clear errors for unknown names."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in tokred.METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(sorted(METHODS))}")
-    unknown = [r for r in recipes if r not in PRESETS]
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(sorted(tokred.METHODS))}")
+    unknown = [r for r in recipes if r not in tokred.PRESETS]
     if unknown:
-        raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; recipes are: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; recipes are: {', '.join(tokred.PRESETS)}")
     if methods and not keeps:
         raise ValueError("--methods needs at least one --keep ratio")
     settings = [STOCK]
-    settings += [Setting(f"{m} keep {k:g}", Config(prune=METHODS[m](keep=k)), m, k) for m in methods for k in keeps]
+    settings += [
+        Setting(f"{m} keep {k:g}", tokred.Config(prune=tokred.METHODS[m](keep=k)), m, k) for m in methods for k in keeps
+    ]
     for name in recipes:
-        prune = PRESETS[name].prune
+        prune = tokred.PRESETS[name].prune
         method = prune[0] if prune else None
         settings.append(Setting(name, name, type(method).name if method else "stock", getattr(method, "keep", 1.0)))
     return settings
