@@ -59,6 +59,9 @@ def test_cli_outputs_exist_and_agree(checkpoint, tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
     assert [r["setting"] for r in rows] == ["stock", "fastv keep 0.5", "fastv keep 0.25"]
+    expected = [q.answer for q in questions("shapes", 4)]
+    for row in rows:
+        assert sum(a == b for a, b in zip(row["answers"], expected, strict=True)) == 4 * row["accuracy"]
     assert data["run"]["methods"] == ["fastv"] and data["run"]["keep"] == [0.5, 0.25]
     assert {"torch", "transformers", "tokred", "device"} <= set(data["environment"])
     with (out / "results.csv").open() as f:

@@ -31,7 +31,8 @@ def checkpoints() -> list[str]:
     return trained or ["random-qwen2_5_vl"]
 
 
-def lmms_accuracy(path: str, base: str, recipe: str) -> tuple[float, object]:
+def lmms_run(path: str, base: str, recipe: str) -> tuple[float, list[str], object]:
+    """lmms-eval's accuracy, its answer per question, and the model its plugin patched."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager
@@ -41,16 +42,19 @@ def lmms_accuracy(path: str, base: str, recipe: str) -> tuple[float, object]:
     model = lm._model  # lmms-eval deletes it from the wrapper when the run ends
     tasks = TaskManager(include_path=str(include_path(LIMIT)), include_defaults=False)
     result = simple_evaluate(model=lm, tasks=["tokred_shapes"], limit=LIMIT, task_manager=tasks, bootstrap_iters=0)
-    return result["results"]["tokred_shapes"]["exact_match,none"], model
+    samples = sorted(result["samples"]["tokred_shapes"], key=lambda s: s["doc_id"])
+    answers = [s["filtered_resps"][0].strip() for s in samples]
+    return result["results"]["tokred_shapes"]["exact_match,none"], answers, model
 
 
 @pytest.mark.parametrize("name", checkpoints())
 @pytest.mark.parametrize("recipe", ["none", "fastv-25"])
 def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, recipe, tmp_path):
-    path = str(build("qwen2_5_vl", tmp_path / "q") if name.startswith("random-") else name)
+    # the random build takes 448 px images whole, as lmms-eval's Qwen class does (its min_pixels is 448^2)
+    path = str(build("qwen2_5_vl", tmp_path / "q", image_size=448) if name.startswith("random-") else name)
     family = card(name)["family"] if name in available() else "qwen2_5_vl"
     base = "llava_hf" if family.startswith("llava") else family
-    accuracy, lmms_model = lmms_accuracy(path, base, recipe)
+    accuracy, answers, lmms_model = lmms_run(path, base, recipe)
     kept = tokred.stats(lmms_model).vision_tokens
     assert kept["input"] == [kept["input"][0]] and list(kept.values())[-1][0] == (
         kept["input"][0] if recipe == "none" else (kept["input"][0] + 2) // 4
@@ -59,7 +63,7 @@ def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, recipe, tmp_path):
     model, processor = load(path)
     settings = [STOCK] if recipe == "none" else grid(recipes=[recipe])[1:]
     (row,) = evaluate(model, processor, settings, ["shapes"], limit=LIMIT, batch_size=1, progress=False)
-    assert accuracy == row.accuracy
+    assert all(answers) and answers == row.answers and accuracy == row.accuracy
 
 
 def test_unknown_base_is_explained():

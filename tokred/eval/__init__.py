@@ -2,7 +2,7 @@
 
 from tokred.eval import evaluate, grid
 from tokred.zoo import load
-model, processor = load("shapes-llava")
+model, processor = load("path/to/checkpoint")  # or a shipped name
 rows = evaluate(model, processor, grid(["random", "fastv"], [0.5, 0.25]), ["shapes"], limit=100)
 """
 

@@ -55,14 +55,15 @@ def environment() -> dict:
 
 
 def write(rows: Sequence[Row], out: str | Path, run: dict) -> dict[str, Path]:
-    """``results.json`` (run configuration, versions, rows), ``results.csv`` and ``accuracy.png`` in ``out``."""
+    """``results.json`` (run configuration, versions, rows with each answer), ``results.csv`` (the measurements)
+    and ``accuracy.png`` in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "png": out / "accuracy.png"}
     data = {"run": run, "environment": environment(), "rows": [r.as_dict() for r in rows]}
     paths["json"].write_text(json.dumps(data, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].as_dict()))
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0].as_dict() if k != "answers"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(r.as_dict() for r in rows)
     plot(rows, paths["png"])

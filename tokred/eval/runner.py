@@ -72,6 +72,7 @@ class Row:
     decode_tokens_per_s: float  # batch rows x decode steps / decode time, summed over batches
     peak_memory_mb: float | None  # CUDA peak allocated during the setting; None on the CPU
     kv_bytes: float  # KV cache size after generation, per question
+    answers: list[str]  # per question, in order (JSON only)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +138,7 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     correct = n = vision_in = vision_kept = kv = 0
+    given: list[str] = []
     small: list[bool] = []
     ttft, decode_steps, decode_time = [], 0, 0.0
     with tokred.patched(model, setting.config):
@@ -154,6 +156,7 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
             vision_in += sum(counts["input"])
             vision_kept += sum(list(counts.values())[-1])
             kv += kv_bytes(cache)
+            given += answers
             right = [a == q.answer for a, q in zip(answers, batch, strict=True)]
             correct += sum(right)
             small += [ok for ok, q in zip(right, batch, strict=True) if q.record.get("about_smallest")]
@@ -174,11 +177,12 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
         decode_tokens_per_s=decode_steps / decode_time if decode_time > 0 else 0.0,
         peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         kv_bytes=kv / n,
+        answers=given,
     )
 
 
 def _generate(model, processor, task: str, batch: Iterable[Question], max_new_tokens: int, device, clock=None):
-    """Greedy answers (stripped) and the final cache for one batch of questions."""
+    """Greedy answers (first line, stripped: answers are one word) and the final cache for one batch."""
     batch = list(batch)
     texts = [chat(processor, task, q.record["question"]) for q in batch]
     key = "images" if medium(task) == "image" else "videos"
@@ -192,4 +196,4 @@ def _generate(model, processor, task: str, batch: Iterable[Question], max_new_to
             return_dict_in_generate=True,
         )
     answers = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [a.strip() for a in answers], out.past_key_values
+    return [a.split("\n")[0].strip() for a in answers], out.past_key_values
