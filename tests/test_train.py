@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 from transformers import AutoProcessor
 
 from tokred.zoo import build
 from tokred.zoo.datasets import COLOURS, SHAPES, sample
 from tokred.zoo.prompts import chat
-from tokred.zoo.train import batch_inputs, probe_targets, token_grid, turns_for
+from tokred.zoo.train import Batches, batch_inputs, probe_targets, token_grid, turns_for
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
@@ -77,3 +79,19 @@ def test_token_grid():
     assert token_grid(256, frames[0]) == (1, 16, 16)
     with pytest.raises(ValueError, match="not 8 square grids"):
         token_grid(100, frames)
+
+
+def test_batches_are_the_same_stream_for_any_number_of_workers(tmp_path):
+    processor = AutoProcessor.from_pretrained(build("qwen2_5_vl", tmp_path / "q"))
+    ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+    batches = Batches(processor, ["shapes", "motion"], 2, 3, seed=0, first=10, vision_ids=ids)
+    alone = [batches.batch(step) for step in range(4)]
+    loader = DataLoader(batches, batch_size=None, num_workers=2)
+    for (kind, inputs, targets), (kind2, inputs2, targets2) in zip(alone, loader, strict=False):
+        assert (
+            kind == kind2 and torch.equal(inputs["input_ids"], inputs2["input_ids"]) and torch.equal(targets, targets2)
+        )
+        assert int((inputs["labels"] != -100).sum()) > 0
+    assert [kind for kind, _, _ in alone] == ["shapes", "motion", "shapes", "motion"]
+    n_shapes = int((alone[0][1]["input_ids"] == ids[0]).sum())
+    assert len(alone[0][2]) == n_shapes  # one probe target row per vision token

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tokred.adapters import adapter_for
@@ -174,6 +175,39 @@ def token_grid(n_tokens: int, media: Image.Image | list[Image.Image]) -> tuple[i
     return slots, side, side
 
 
+class Batches(IterableDataset):
+    """Endless training batches: step ``k`` holds media ``first + k * batch_size ...`` of task ``tasks[k % n]``,
+    each with its question/answer turns, as processor inputs with labels plus the probe targets. Workers of a
+    DataLoader take every ``num_workers``-th step, so the stream is the same for any number of workers."""
+
+    def __init__(
+        self, processor, tasks: list[str], batch_size: int, questions: int, seed: int, first: int, vision_ids: list[int]
+    ) -> None:
+        self.processor, self.tasks, self.batch_size, self.questions = processor, tasks, batch_size, questions
+        self.seed, self.first, self.vision_ids = seed, first, torch.tensor(vision_ids)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        step = worker.id if worker else 0
+        while True:
+            yield self.batch(step)
+            step += worker.num_workers if worker else 1
+
+    def batch(self, step: int) -> tuple[str, dict, torch.Tensor]:
+        kind = self.tasks[step % len(self.tasks)]
+        index = self.first + step * self.batch_size
+        records = [sample(kind, "train", index + i, seed=self.seed) for i in range(self.batch_size)]
+        rng = np.random.default_rng([self.seed, step])
+        items = [(turns_for(kind, r, rng, self.questions), m) for r, m in records]
+        inputs = batch_inputs(self.processor, kind, items, train=True)
+        counts = torch.isin(inputs["input_ids"], self.vision_ids).sum(dim=1).tolist()
+        grids = [token_grid(n, m) for (_, m), n in zip(records, counts, strict=True)]
+        targets = torch.cat(
+            [probe_targets(r, g, _frames(m)[0].width) for (r, m), g in zip(records, grids, strict=True)]
+        )
+        return kind, inputs, targets
+
+
 def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> float:
     """Exact-match accuracy of greedy answers on the first ``n`` test questions (drawn in memory)."""
     correct = 0
@@ -189,7 +223,6 @@ def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 2
 
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     text = {
         "hidden_size": args.hidden,
         "intermediate_size": 2 * args.hidden,
@@ -207,11 +240,16 @@ def train(args: argparse.Namespace) -> dict:
         processor = AutoProcessor.from_pretrained(init)
     if previous:  # the sizes are the earlier run's; its samples are skipped so that every sample is new
         text, vision, args.family = previous["text"], previous["vision"], previous["family"]
-    vision_ids = torch.tensor(list(adapter_for(model).token_ids().values()), device=args.device)
+    vision_ids = list(adapter_for(model).token_ids().values())
     llm_inputs, probe = LLMInputs(model), Probe(model.config.get_text_config().hidden_size).to(args.device)
     params = [*model.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    start, step, index = time.monotonic(), 0, previous["media_seen"] if previous else 0
+    first = previous["media_seen"] if previous else 0
+    batches = Batches(processor, args.task, args.batch_size, args.questions, args.seed, first, vision_ids)
+    loader = iter(
+        DataLoader(batches, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    )
+    start, step = time.monotonic(), 0
 
     def progress() -> float:
         return min(1.0, max(step / args.steps, (time.monotonic() - start) / (60 * args.minutes)))
@@ -220,20 +258,11 @@ def train(args: argparse.Namespace) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress()))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        kind = args.task[step % len(args.task)]
-        records = [sample(kind, "train", index + i, seed=args.seed) for i in range(args.batch_size)]
-        index += args.batch_size
-        items = [(turns_for(kind, r, rng, args.questions), m) for r, m in records]
-        inputs = batch_inputs(processor, kind, items, train=True).to(args.device)
+        kind, inputs, targets = next(loader)
+        inputs, targets = inputs.to(args.device), targets.to(args.device)
         with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.device != "cpu"):
             answer_loss = model(**inputs).loss
-        vision_rows = torch.isin(inputs["input_ids"], vision_ids)
-        targets = torch.cat(
-            [
-                probe_targets(r, token_grid(int(n), m), _frames(m)[0].width)
-                for (r, m), n in zip(records, vision_rows.sum(dim=1), strict=True)
-            ]
-        ).to(args.device)
+        vision_rows = torch.isin(inputs["input_ids"], torch.tensor(vision_ids, device=args.device))
         probe_loss = probe.loss(llm_inputs.embeds[vision_rows].float(), targets)
         (answer_loss + args.aux_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -256,7 +285,7 @@ def train(args: argparse.Namespace) -> dict:
         "image_size": args.image_size,
         "seed": args.seed,
         "steps": step,
-        "media_seen": index,
+        "media_seen": first + step * args.batch_size,
         "data": "train split drawn on the fly from tokred.zoo.datasets.sample(task, 'train', i, seed)",
         "questions_per_medium": args.questions,
         "aux_weight": args.aux_weight,
@@ -297,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes drawing and preparing samples")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 autocast on GPUs"
     )
