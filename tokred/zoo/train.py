@@ -6,8 +6,9 @@ Samples are drawn on the fly from `tokred.zoo.datasets.sample` (deterministic by
 image or clip carries up to ``--questions`` question/answer turns in one sequence (its own question
 first), so the vision tower runs once for several answers, and the loss covers the answer tokens only.
 A linear probe on the vision tokens as they enter the LLM learns which colour and shape covers each
-token's cell (``--aux-weight``): dense supervision that teaches a from-scratch tower to see within a
-CPU budget. The probe is discarded; the saved checkpoint is the plain architecture. The run stops at
+token's cell, whether it holds an object's centre, and its quadrant (``--aux-weight``): dense supervision
+for the from-scratch tower. The probe is discarded; the saved checkpoint is the plain architecture. On a
+GPU use ``--device cuda --workers N`` (bf16 autocast; samples drawn in N processes). The run stops at
 ``--steps`` or ``--minutes``, whichever comes first, and is saved with `save_pretrained` plus a model
 card with the test accuracy.
 """
