@@ -21,9 +21,10 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
 import tokred
+from tokred.eval.lmms_run import BASE
 from tokred.zoo.checkpoints import resolve
 
-BASES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_hf")
+BASES = tuple(dict.fromkeys(BASE.values()))
 """lmms-eval model names that ``base`` may take (llava_hf covers LLaVA and LLaVA-OneVision on transformers)."""
 
 

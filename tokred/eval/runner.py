@@ -8,7 +8,7 @@ unpatched) so that its kept-token count is measured the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokred
-from tokred.eval.tasks import Question, check, medium, questions
-from tokred.zoo.prompts import chat
+from tokred.eval.tasks import Question, check, questions
+from tokred.zoo.prompts import generate_answers
 
 
 @dataclass(frozen=True)
@@ -142,13 +142,13 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
     small: list[bool] = []
     ttft, decode_steps, decode_time = [], 0, 0.0
     with tokred.patched(model, setting.config):
-        _generate(model, processor, task, batches[0][:1], max_new_tokens, device)  # warm-up, not measured
+        _answers(model, processor, task, batches[0][:1], max_new_tokens)  # warm-up, not measured
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         for batch in batches:
             clock = _Clock()
             start = time.perf_counter()
-            answers, cache = _generate(model, processor, task, batch, max_new_tokens, device, clock)
+            answers, cache = _answers(model, processor, task, batch, max_new_tokens, clock)
             ttft.append(clock.ticks[0] - start)
             decode_steps += (len(clock.ticks) - 1) * len(batch)
             decode_time += clock.ticks[-1] - clock.ticks[0]
@@ -181,19 +181,16 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
     )
 
 
-def _generate(model, processor, task: str, batch: Iterable[Question], max_new_tokens: int, device, clock=None):
+def _answers(model, processor, task: str, batch: list[Question], max_new_tokens: int, clock=None):
     """Greedy answers (first line, stripped: answers are one word) and the final cache for one batch."""
-    batch = list(batch)
-    texts = [chat(processor, task, q.record["question"]) for q in batch]
-    key = "images" if medium(task) == "image" else "videos"
-    inputs = processor(text=texts, **{key: [q.media for q in batch]}, return_tensors="pt", padding=True).to(device)
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([clock] if clock else []),
-            return_dict_in_generate=True,
-        )
-    answers = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [a.split("\n")[0].strip() for a in answers], out.past_key_values
+    processors = LogitsProcessorList([clock] if clock else [])
+    texts, out = generate_answers(
+        model,
+        processor,
+        task,
+        [q.record["question"] for q in batch],
+        [q.media for q in batch],
+        max_new_tokens,
+        logits_processor=processors,
+    )
+    return [t.split("\n")[0].strip() for t in texts], out.past_key_values

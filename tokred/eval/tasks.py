@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokred.zoo import datasets
-from tokred.zoo.prompts import MEDIA
+from tokred.zoo.builders import cache_root
 
 LOCAL_TASKS: tuple[str, ...] = tuple(datasets.KINDS)
 """Tasks that run offline from tokred's own data: ``("shapes", "motion")``."""
@@ -35,8 +35,7 @@ class Question:
 
 
 def data_root(seed: int = 0) -> Path:
-    root = os.environ.get("TOKRED_CACHE") or Path.home() / ".cache" / "tokred"
-    return Path(root).expanduser() / "data" / f"seed{seed}"
+    return cache_root() / "data" / f"seed{seed}"
 
 
 def ensure(task: str, n: int = DEFAULT_QUESTIONS, seed: int = 0, root: str | os.PathLike | None = None) -> Path:
@@ -63,10 +62,6 @@ def questions(
     directory = ensure(task, n, seed, root)
     records = datasets.load(task, directory.parent, "test")[:n]
     return [Question(r, datasets.open_media(task, directory.parent, r)) for r in records]
-
-
-def medium(task: str) -> str:
-    return MEDIA[check(task)]
 
 
 def check(task: str) -> str:

@@ -524,17 +524,21 @@ FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 # --------------------------------------------------------------------------------------------
 
 
+def cache_root() -> pathlib.Path:
+    """tokred's cache: ``$TOKRED_CACHE``, default ``~/.cache/tokred`` (zoo builds, generated task data)."""
+    return pathlib.Path(os.environ.get("TOKRED_CACHE") or pathlib.Path.home() / ".cache" / "tokred").expanduser()
+
+
 def default_cache_dir(family: str, seed: int = 0, overrides: dict[str, Any] | None = None) -> pathlib.Path:
     """Cache location: ``$TOKRED_CACHE/zoo/<family>-s<seed>`` (default root ``~/.cache/tokred``).
 
     Builds with overrides get a short hash suffix so they never collide with the default build.
     """
-    root = os.environ.get("TOKRED_CACHE") or pathlib.Path.home() / ".cache" / "tokred"
     name = f"{family}-s{seed}"
     if overrides:
         blob = json.dumps(overrides, sort_keys=True, default=str).encode()
         name += f"-{hashlib.sha1(blob).hexdigest()[:8]}"
-    return pathlib.Path(root).expanduser() / "zoo" / name
+    return cache_root() / "zoo" / name
 
 
 def _marker(family: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from tokred.adapters import adapter_for
 from tokred.zoo import build
 from tokred.zoo.datasets import COLOURS, SHAPES, questions, sample
-from tokred.zoo.prompts import MEDIA, chat
+from tokred.zoo.prompts import MEDIA, chat, generate_answers, media_inputs
 
 PROBE_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, 2, 4)  # colour, shape (0: none), object centre, quadrant
 
@@ -77,8 +77,7 @@ def batch_inputs(processor, kind: str, items: list[tuple[list[dict], object]], t
         ]
     else:
         texts = [chat(processor, kind, turns[0]["question"]) for turns, _ in items]
-    key = "images" if MEDIA[kind] == "image" else "videos"
-    inputs = processor(text=texts, **{key: [media for _, media in items]}, return_tensors="pt", padding=True)
+    inputs = media_inputs(processor, kind, texts, [media for _, media in items])
     if train:
         inputs["labels"] = answer_labels(processor.tokenizer, inputs["input_ids"], [turns for turns, _ in items])
     return inputs
@@ -214,10 +213,9 @@ def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 2
     correct = 0
     for start in range(0, n, batch_size):
         records = [sample(kind, "test", i, seed=seed) for i in range(start, min(n, start + batch_size))]
-        inputs = batch_inputs(processor, kind, [([r], m) for r, m in records], train=False).to(model.device)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers, _ = generate_answers(
+            model, processor, kind, [r["question"] for r, _ in records], [m for _, m in records], 6
+        )
         correct += sum(a.strip() == r["answer"] for a, (r, _) in zip(answers, records, strict=True))
     return correct / n
 
@@ -242,6 +240,7 @@ def train(args: argparse.Namespace) -> dict:
     if previous:  # the sizes are the earlier run's; its samples are skipped so that every sample is new
         text, vision, args.family = previous["text"], previous["vision"], previous["family"]
     vision_ids = list(adapter_for(model).token_ids().values())
+    vision_id_tensor = torch.tensor(vision_ids, device=args.device)
     llm_inputs, probe = LLMInputs(model), Probe(model.config.get_text_config().hidden_size).to(args.device)
     params = [*model.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -263,7 +262,7 @@ def train(args: argparse.Namespace) -> dict:
         inputs, targets = inputs.to(args.device), targets.to(args.device)
         with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.device != "cpu"):
             answer_loss = model(**inputs).loss
-        vision_rows = torch.isin(inputs["input_ids"], torch.tensor(vision_ids, device=args.device))
+        vision_rows = torch.isin(inputs["input_ids"], vision_id_tensor)
         probe_loss = probe.loss(llm_inputs.embeds[vision_rows].float(), targets)
         (answer_loss + args.aux_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
