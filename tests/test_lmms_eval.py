@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -104,3 +106,11 @@ def test_backend_explains_unknown_tasks_and_missing_data(tmp_path, capsys, task,
         main(["eval", "--backend", "lmms-eval", "--model", str(tmp_path), "--tasks", task, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_entry_point_resolves_whichever_module_is_imported_first():
+    """Importing the plugin first makes lmms-eval build its registry mid-import; `tokred` must still be in it."""
+    code = "import tokred.eval.lmms; from lmms_eval.models import get_model; print(get_model('tokred').__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "Tokred", done.stderr[-2000:]
+    assert "Failed to load model entry-point manifests" not in done.stderr

@@ -3,8 +3,9 @@
     python -m lmms_eval --model tokred \\
         --model_args base=qwen2_5_vl,pretrained=PATH,recipe=fastv-25 --tasks ... --device cpu
 
-Registered through the ``lmms_eval.models`` entry point (pyproject.toml), which lmms-eval >= 0.7 reads when it
-starts. Prompts, media loading and decoding stay lmms-eval's; tokred only adds its hooks to the loaded model.
+Registered through the ``lmms_eval.models`` entry point (pyproject.toml -> `lmms_manifest.MANIFEST`), which
+lmms-eval >= 0.7 reads when it starts. Prompts, media loading and decoding stay lmms-eval's; tokred only adds
+its hooks to the loaded model.
 Model args besides the base class's own: ``base`` (lmms-eval model name), ``recipe`` (preset or method name,
 default the family's recommended one), ``keep`` (with a method name), ``kv`` and ``weights`` (``none`` for now),
 and ``dtype`` (reload the weights at this dtype; lmms-eval's Qwen classes load bfloat16). ``pretrained`` may be a
@@ -18,7 +19,6 @@ from typing import Any
 
 import torch
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 import tokred
 from tokred.eval.lmms_run import BASE
@@ -86,6 +86,3 @@ def recipe_config(recipe: str | None, keep: float | None) -> tokred.Config | str
     if recipe not in tokred.METHODS:
         raise ValueError(f"keep= goes with a method name ({', '.join(sorted(tokred.METHODS))}), got recipe={recipe!r}")
     return tokred.Config(prune=tokred.METHODS[recipe](keep=float(keep)))
-
-
-MANIFEST = ModelManifest(model_id="tokred", chat_class_path="tokred.eval.lmms.Tokred")
