@@ -6,4 +6,4 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e ".[dev,eval]"
+python -m pip install -q -e ".[dev,eval,demo]"

@@ -256,10 +256,27 @@ def test_motion_objects(motion_samples):
             else:
                 shift = np.array(motion.DIRECTIONS[o["motion"]]) @ (track[-1] - track[0])
                 assert shift >= 52 and shift > o["size"]
-                assert (np.abs(np.diff(track, axis=0)).sum(-1) <= 8).all()  # smooth, linear steps
+                steps = np.abs(np.diff(track, axis=0)).sum(-1)
+                assert set(steps.tolist()) <= {0, 28} and not steps[0::2].any()  # a cell at a time, between pairs
         for a, b in itertools.combinations(objects, 2):
             gap = np.abs(np.subtract(a["track"], b["track"])).max(-1) - (a["size"] + b["size"]) / 2
             assert gap.min() >= 6
+
+
+def test_objects_fill_whole_token_cells(shape_samples, motion_samples):
+    """Boxes cover whole 28 px cells (less a 4 px border); ShapesVQA's tiny object sits in the middle of one."""
+    for record, _ in shape_samples:
+        tiny = shapes.smallest(record["objects"])
+        for i, o in enumerate(record["objects"]):
+            if i == tiny:
+                assert o["cx"] % 28 == o["cy"] % 28 == 14 and o["size"] < 28
+            else:
+                assert (o["size"] + 4) % 28 == 0 and (o["cx"] - (o["size"] + 4) // 2) % 28 == 0
+                assert (o["cy"] - (o["size"] + 4) // 2) % 28 == 0
+    for record, _ in motion_samples:
+        for o in record["objects"]:
+            assert (o["size"] + 4) % 28 == 0
+            assert not ((np.array(o["track"]) - (o["size"] + 4) // 2) % 28).any()
 
 
 def test_motion_pixels_follow_the_tracks(motion_samples):

@@ -3,6 +3,8 @@ FastV against an eager-attention reference, pruning equal to masking, no state b
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import noise_image
@@ -258,3 +260,17 @@ def test_multi_turn_conversation(tiny):
     assert ids.shape[1] == inputs["input_ids"].shape[1] + 4
     assert stats.vision_tokens["input"][0] == int((inputs["input_ids"] == tiny.model.config.image_token_id).sum())
     assert stats.vision_tokens["llm"][0] < stats.vision_tokens["input"][0]
+
+
+def test_stats_give_each_medium_its_token_grid(tiny):
+    inputs = tiny.batch()
+    with tokred.patched(tiny.model, "none"):
+        tiny.model(**inputs)
+        stats = tokred.stats(tiny.model)
+    assert [[kind for kind, _ in sample] for sample in stats.media] == [["image"], ["image"]]
+    grids = [sample[0][1] for sample in stats.media]
+    if "image_grid_thw" in inputs:  # Qwen: the processor's patch grid, merged 2 x 2
+        assert grids == [(t, h // 2, w // 2) for t, h, w in inputs["image_grid_thw"].tolist()]
+    for grid, n in zip(grids, stats.vision_tokens["input"], strict=True):
+        assert grid is None or math.prod(grid) == n
+    assert any(grid is not None for grid in grids) or tiny.family == "llava_onevision"

@@ -21,7 +21,7 @@ def test_labels_are_the_answer_tokens_of_every_turn(tmp_path, family, kind):
         pytest.skip("LLaVA-1.5 takes no video")
     processor = AutoProcessor.from_pretrained(build(family, tmp_path / family))
     rng = np.random.default_rng(0)
-    records = [sample(kind, "train", i) for i in range(3)]
+    records = [sample(kind, "train", i) for i in (0, 1, 3)]  # scenes with at least 3 other questions
     items = [(turns_for(kind, r, rng, limit), m) for limit, (r, m) in zip((1, 3, 4), records, strict=True)]
     inputs = batch_inputs(processor, kind, items, train=True)
     eos = processor.tokenizer.eos_token
@@ -46,31 +46,40 @@ def test_turns_start_with_the_record_and_never_repeat():
         assert len({t["question"] for t in turns}) == len(turns)
 
 
-def test_probe_targets_mark_each_object_in_its_cells():
+def test_probe_targets_weigh_each_object_by_the_pixels_it_covers():
     record, image = sample("shapes", "train", 0)
-    targets = probe_targets(record, (1, 16, 16), image.width).reshape(16, 16, 4)
-    cell = image.width / 16
-    centres = {(int(o["cy"] // cell), int(o["cx"] // cell)) for o in record["objects"]}
-    assert int(targets[..., 2].sum()) == len(centres)
-    for o in record["objects"]:
-        row, col = int(o["cy"] // cell), int(o["cx"] // cell)
-        colour, shape = list(COLOURS).index(o["colour"]) + 1, SHAPES.index(o["shape"]) + 1
-        assert targets[row, col, :3].tolist() == [colour, shape, 1]
-        covered = ((targets[..., 0] == colour) & (targets[..., 1] == shape)).sum()
-        assert covered >= max(1, (o["size"] // cell) ** 2 * 0.5)
-    assert (targets[..., 0] == 0).float().mean() > 0.4  # most cells are background
-    assert targets[0, 0, 3] == 0 and targets[0, 15, 3] == 1 and targets[15, 0, 3] == 2 and targets[8, 8, 3] == 3
+    weights, labels, quadrants = probe_targets(record, (1, 16, 16), image.width)
+    assert weights.shape == (len(record["objects"]), 256) and quadrants.shape == (256,)
+    pixels = np.asarray(image).astype(int)
+    for o, w, label in zip(record["objects"], weights, labels, strict=True):
+        assert label.tolist() == [list(COLOURS).index(o["colour"]), SHAPES.index(o["shape"])]
+        # The weights are the share of each 28 px cell painted in the object's exact colour.
+        painted = (pixels == COLOURS[o["colour"]]).all(-1)
+        box = np.zeros_like(painted)
+        half = o["size"] // 2 + 1
+        box[o["cy"] - half : o["cy"] + half + 1, o["cx"] - half : o["cx"] + half + 1] = True
+        share = torch.from_numpy(painted & box).float().reshape(16, 28, 16, 28).mean(dim=(1, 3)).reshape(-1)
+        torch.testing.assert_close(w, share)
+    quadrants = quadrants.reshape(16, 16)
+    assert [quadrants[0, 0], quadrants[0, 15], quadrants[15, 0], quadrants[8, 8], quadrants[7, 8]] == [0, 1, 2, 3, 1]
+    with pytest.raises(ValueError, match="does not tile a 448 px square"):
+        probe_targets(record, (1, 15, 15), image.width)
 
 
 def test_probe_targets_follow_a_clip_over_time():
-    record, frames = sample("motion", "train", 1)
-    targets = probe_targets(record, (8, 8, 8), frames[0].width).reshape(8, 8, 8, 4)
-    for slot in range(8):
-        visible = [o for o in record["objects"] if o["appear"] <= 2 * slot < o["disappear"]]
-        assert 1 <= int(targets[slot, ..., 2].sum()) <= len(visible)
-        for o in visible:
+    record, frames = sample("motion", "train", 3)
+    weights, labels, _ = probe_targets(record, (8, 8, 8), frames[0].width)
+    rows = iter(zip(weights.reshape(-1, 8, 8, 8), labels, strict=True))
+    for o in record["objects"]:
+        for slot in range(8):
+            if not o["appear"] <= 2 * slot < o["disappear"]:
+                continue
+            w, label = next(rows)
+            assert label[1] == SHAPES.index(o["shape"])
+            assert w.sum(dim=(1, 2)).nonzero().flatten().tolist() == [slot]  # only its own slot
             x, y = o["track"][2 * slot]
-            assert targets[slot, int(y // 28), int(x // 28), 1] == SHAPES.index(o["shape"]) + 1
+            assert w[slot, y // 28, x // 28] > 0  # the cell holding its centre in that frame
+    assert next(rows, None) is None
 
 
 def test_token_grid():
@@ -88,10 +97,12 @@ def test_batches_are_the_same_stream_for_any_number_of_workers(tmp_path):
     alone = [batches.batch(step) for step in range(4)]
     loader = DataLoader(batches, batch_size=None, num_workers=2)
     for (kind, inputs, targets), (kind2, inputs2, targets2) in zip(alone, loader, strict=False):
-        assert (
-            kind == kind2 and torch.equal(inputs["input_ids"], inputs2["input_ids"]) and torch.equal(targets, targets2)
-        )
+        assert kind == kind2 and torch.equal(inputs["input_ids"], inputs2["input_ids"])
+        assert all(torch.equal(a, b) for a, b in zip(targets, targets2, strict=True))
         assert int((inputs["labels"] != -100).sum()) > 0
     assert [kind for kind, _, _ in alone] == ["shapes", "motion", "shapes", "motion"]
+    weights, labels, quadrants = alone[0][2]
     n_shapes = int((alone[0][1]["input_ids"] == ids[0]).sum())
-    assert len(alone[0][2]) == n_shapes  # one probe target row per vision token
+    assert weights.shape[1] == len(quadrants) == n_shapes  # one probe column per vision token, in batch order
+    objects = sum(len(sample("shapes", "train", 10 + i)[0]["objects"]) for i in range(2))
+    assert len(labels) == weights.shape[0] == objects  # one row per object of the two images

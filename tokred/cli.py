@@ -66,26 +66,35 @@ def run(args: argparse.Namespace) -> None:
 
 
 DEFAULT_MODEL = "shapes-motion-qwen2_5_vl"
-"""`tokred eval`'s model when none is given; until it ships, a random-weight zoo build stands in (with a warning)."""
+"""The model of `tokred eval` and `tokred demo` when none is given; until it ships, a random-weight build stands in."""
 DEFAULT_RECIPES = ("fastv-50", "fastv-25", "random-25")
+MODEL_HELP = f"shipped checkpoint name or a checkpoint directory (default: {DEFAULT_MODEL})"
+
+
+def default_model() -> tuple[str, str | None]:
+    """The model to run when none is given (DEFAULT_MODEL if shipped, else a random zoo build) and a warning to show."""
+    from tokred.zoo import available
+
+    if DEFAULT_MODEL in available():
+        return DEFAULT_MODEL, None
+    return str(build("qwen2_5_vl")), (
+        f"no trained checkpoint ({DEFAULT_MODEL}) is shipped in this installation yet, so this runs a random-weight "
+        "zoo build: answers and accuracies are noise; kept tokens, KV bytes and timings are real."
+    )
 
 
 def evaluate(args: argparse.Namespace) -> None:
     """Score stock and tokred configurations of a trained checkpoint on local tasks; write table, JSON, CSV, PNG."""
     from tokred.eval import LOCAL_TASKS, evaluate, grid, table, write
-    from tokred.zoo import available, card, load
+    from tokred.zoo import card, load
     from tokred.zoo.checkpoints import resolve
 
     settings = grid(args.methods, args.keep, args.recipes if args.recipes or args.methods else DEFAULT_RECIPES)
-    if args.model is None and DEFAULT_MODEL in available():
-        args.model = DEFAULT_MODEL
-    elif args.model is None:
-        args.model = str(build("qwen2_5_vl"))
-        print(
-            f"warning: no trained checkpoint ({DEFAULT_MODEL}) is shipped in this installation yet, so this runs a "
-            "random-weight zoo build: accuracies are noise; kept tokens, KV bytes and timings are real."
-        )
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model is None:
+        args.model, warning = default_model()
+        if warning:
+            print(f"warning: {warning}")
+    device = _device(args.device)
     run = {key: value for key, value in vars(args).items() if key != "func"} | {"device": device}
     if args.backend == "lmms-eval":
         from tokred.eval import lmms_run
@@ -108,6 +117,25 @@ def evaluate(args: argparse.Namespace) -> None:
         print(f"{kind}: {path}")
 
 
+def demo(args: argparse.Namespace) -> None:
+    """Serve a local Gradio page comparing the stock and the patched model on one image or video and a question."""
+    from tokred.demo.app import build_app, launch
+    from tokred.zoo import load
+
+    warning = None
+    if args.model is None:
+        args.model, warning = default_model()
+    model, processor = load(args.model, attn_implementation="sdpa")
+    app = build_app(model.to(_device(args.device)), processor, warning)
+    print(f"tokred demo of {args.model} on {launch(app, args.port, args.host)} (Ctrl+C stops it)")
+    app.block_thread()
+
+
+def _device(name: str) -> str:
+    """The device for a --device value: "auto" is cuda where there is one, else cpu."""
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokred", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,9 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_parser.set_defaults(func=run)
 
     eval_parser = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
-    eval_parser.add_argument(
-        "--model", help=f"shipped checkpoint name or a checkpoint directory (default: {DEFAULT_MODEL})"
-    )
+    eval_parser.add_argument("--model", help=MODEL_HELP)
     eval_parser.add_argument("--methods", nargs="+", default=[], help="methods to run at each --keep ratio")
     eval_parser.add_argument("--keep", nargs="+", type=float, default=[], help="keep ratios for --methods")
     eval_parser.add_argument(
@@ -149,6 +175,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_parser.add_argument("--seed", type=int, default=0, help="data seed of the local tasks")
     eval_parser.add_argument("--out", default="results/eval", help="directory for results.json/.csv and accuracy.png")
     eval_parser.set_defaults(func=evaluate)
+
+    demo_parser = commands.add_parser("demo", help=demo.__doc__, description=demo.__doc__)
+    demo_parser.add_argument("--model", help=MODEL_HELP)
+    demo_parser.add_argument("--port", type=int, default=7860)
+    demo_parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    demo_parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    demo_parser.set_defaults(func=demo)
 
     args = parser.parse_args(argv)
     try:

@@ -14,11 +14,14 @@ class Stats:
     vision_tokens: "input", then each stage that ran, mapped to the vision tokens per sample after it.
     kept_positions: per stage, the positions in `input_ids` of each sample's vision tokens still present.
     seq_len: LLM layer index -> tokens per sample (padding excluded) from that layer on, where it changes.
+    media: per sample, (kind, (t, h, w) token grid or None where the family doesn't make it known) of each
+    image or video, in sequence order; its tokens are that sample's "input" positions, in raster order.
     """
 
     vision_tokens: dict[str, list[int]] = field(default_factory=dict)
     kept_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     seq_len: dict[int, list[int]] = field(default_factory=dict)
+    media: list[list[tuple[str, tuple[int, int, int] | None]]] = field(default_factory=list)
 
     def record(self, stage: str, positions: list[torch.Tensor]) -> None:
         self.kept_positions[stage] = [p.sort().values.cpu() for p in positions]

@@ -78,7 +78,7 @@ class Row:
         return asdict(self)
 
 
-class _Clock(LogitsProcessor):
+class Clock(LogitsProcessor):
     """Timestamps of each generation step (generate calls logits processors once per step)."""
 
     def __init__(self) -> None:
@@ -146,7 +146,7 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         for batch in batches:
-            clock = _Clock()
+            clock = Clock()
             start = time.perf_counter()
             answers, cache = _answers(model, processor, task, batch, max_new_tokens, clock)
             ttft.append(clock.ticks[0] - start)

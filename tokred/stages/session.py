@@ -86,6 +86,7 @@ class Session:
         self.stats = Stats(seq_len={0: [int(n) for n in real]})
         if spans:
             self.stats.record("input", _positions(spans))
+            self.stats.media = [[(s.kind, s.grid) for s in sample] for sample in spans]
         if self.pre is not None:
             self.pre.selection = None
         if self.llm is not None:

@@ -2,15 +2,15 @@
 
     python -m tokred.zoo.train --family qwen2_5_vl --task shapes --task motion --out DIR
 
-Samples are drawn on the fly from `tokred.zoo.datasets.sample` (deterministic by seed and index). Each
-image or clip carries up to ``--questions`` question/answer turns in one sequence (its own question
-first), so the vision tower runs once for several answers, and the loss covers the answer tokens only.
-A linear probe on the vision tokens as they enter the LLM learns which colour and shape covers each
-token's cell, whether it holds an object's centre, and its quadrant (``--aux-weight``): dense supervision
-for the from-scratch tower. The probe is discarded; the saved checkpoint is the plain architecture. On a
-GPU use ``--device cuda --workers N`` (bf16 autocast; samples drawn in N processes). The run stops at
-``--steps`` or ``--minutes``, whichever comes first, and is saved with `save_pretrained` plus a model
-card with the test accuracy.
+Samples are drawn on the fly from `tokred.zoo.datasets.sample` (deterministic by seed and index). Each image
+or clip carries up to ``--questions`` question/answer turns in one sequence (its own question first), so the
+vision tower runs once for several answers, and the loss covers the answer tokens only. A linear probe on the
+vision tokens as they enter the LLM learns each object's colour and shape from the coverage-weighted mean of
+its tokens, and each token's quadrant (``--aux-weight``): dense supervision for the from-scratch tower, shaped
+like what the LLM's attention must read. The probe is discarded; the saved checkpoint is the plain
+architecture. On a GPU use ``--device cuda --workers N`` (bf16 autocast; samples drawn in N processes). The
+run stops at ``--steps`` or ``--minutes``, whichever comes first, and is saved with `save_pretrained` plus a
+model card with the test accuracy.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from tokred.adapters import adapter_for
 from tokred.zoo import build
 from tokred.zoo.datasets import COLOURS, SHAPES, questions, sample
+from tokred.zoo.datasets.common import shape_mask
 from tokred.zoo.prompts import MEDIA, chat, generate_answers, media_inputs
 
-PROBE_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, 2, 4)  # colour, shape (0: none), object centre, quadrant
+PROBE_CLASSES = (len(COLOURS), len(SHAPES), 4)  # colour and shape per object, quadrant per token
 
 
 def vision_config(family: str, hidden: int, depth: int, image_size: int) -> dict:
@@ -111,44 +112,59 @@ def turns_for(kind: str, record: dict, rng: np.random.Generator, limit: int) -> 
     return turns
 
 
-def probe_targets(record: dict, grid: tuple[int, int, int], size: int) -> torch.Tensor:
-    """(t*h*w, 4) targets of the vision tokens of one image or clip on a (t, h, w) token grid over a
-    ``size``-pixel square: colour and shape of the object covering each cell's centre, whether the cell
-    holds an object's centre, and the cell's quadrant (absolute position, which rotary attention alone
-    does not put into the tokens). Clip slot ``t`` shows frame ``2 t`` (temporal patches of two frames)."""
+def probe_targets(record: dict, grid: tuple[int, int, int], size: int) -> tuple[torch.Tensor, ...]:
+    """Probe targets of one image or clip whose vision tokens form a (t, h, w) grid over a ``size``-pixel square.
+
+    Per object visible in a slot (clip slot ``t`` shows frame ``2 t``: temporal patches of two frames), the share
+    of each token's cell its pixels cover, (n, t*h*w), and its colour and shape, (n, 2); per token its quadrant,
+    (t*h*w,). Pooling a token set by coverage is what the LLM's attention does to answer "what shape is the red
+    object?", so the probe asks the tower for features whose object mean tells those apart; the quadrant puts
+    absolute position into each token.
+    """
     t, h, w = grid
-    targets = torch.zeros(t, h, w, 4, dtype=torch.long)
-    rows, cols = torch.arange(h)[:, None] >= h / 2, torch.arange(w)[None, :] >= w / 2
-    targets[..., 3] = 2 * rows.long() + cols.long()
-    cell = size / w
-    centres = (torch.arange(w) + 0.5) * cell
+    cell = size // w
+    if cell * w != size or cell * h != size:
+        raise ValueError(f"a {h}x{w} token grid does not tile a {size} px square")
+    weights, labels = [], []
     for o in record["objects"]:
         for slot in range(t):
             frame = 2 * slot
             if "track" in o and not o["appear"] <= frame < o["disappear"]:
                 continue
             cx, cy = o["track"][frame] if "track" in o else (o["cx"], o["cy"])
-            inside_x = (centres - cx).abs() <= o["size"] / 2
-            inside_y = (centres - cy).abs() <= o["size"] / 2
-            cover = inside_y[:, None] & inside_x[None, :]
-            row, col = min(int(cy / cell), h - 1), min(int(cx / cell), w - 1)
-            cover[row, col] = True
-            targets[slot, ..., 0][cover] = list(COLOURS).index(o["colour"]) + 1
-            targets[slot, ..., 1][cover] = SHAPES.index(o["shape"]) + 1
-            targets[slot, row, col, 2] = 1
-    return targets.reshape(-1, 4)
+            cover = torch.zeros(t, h, w)
+            mask = torch.from_numpy(shape_mask(o["shape"], cx, cy, o["size"], size, size))
+            cover[slot] = mask.reshape(h, cell, w, cell).float().mean(dim=(1, 3))
+            weights.append(cover.reshape(-1))
+            labels.append([list(COLOURS).index(o["colour"]), SHAPES.index(o["shape"])])
+    rows, cols = torch.arange(h)[:, None] >= h / 2, torch.arange(w)[None, :] >= w / 2
+    quadrants = (2 * rows.long() + cols.long()).expand(t, h, w).reshape(-1)
+    return torch.stack(weights), torch.tensor(labels), quadrants
 
 
 class Probe(nn.Module):
-    """Linear read-out of colour, shape, object centre and quadrant from each vision token (training only)."""
+    """Linear read-outs (training only): each object's colour and shape from the coverage-weighted mean of its
+    vision tokens, and each token's quadrant."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.head = nn.Linear(hidden, sum(PROBE_CLASSES))
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.head(tokens).split(PROBE_CLASSES, dim=-1)
-        return sum(F.cross_entropy(x, targets[:, i]) for i, x in enumerate(logits)) / len(logits)
+    def logits(self, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Colour and shape logits per object, quadrant logits per token."""
+        colour, shape, _ = self.head((weights @ tokens) / weights.sum(dim=1, keepdim=True)).split(PROBE_CLASSES, -1)
+        return colour, shape, self.head(tokens)[:, -PROBE_CLASSES[-1] :]
+
+    def loss(self, tokens: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, quadrants: torch.Tensor):
+        colour, shape, quadrant = self.logits(tokens, weights)
+        targets = (labels[:, 0], labels[:, 1], quadrants)
+        return sum(F.cross_entropy(x, y) for x, y in zip((colour, shape, quadrant), targets, strict=True)) / 3
+
+
+def collate_probes(targets: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The probe targets of a batch, whose vision tokens are concatenated in sample order."""
+    weights, labels, quadrants = zip(*targets, strict=True)
+    return torch.block_diag(*weights), torch.cat(labels), torch.cat(quadrants)
 
 
 class LLMInputs:
@@ -193,7 +209,7 @@ class Batches(IterableDataset):
             yield self.batch(step)
             step += worker.num_workers if worker else 1
 
-    def batch(self, step: int) -> tuple[str, dict, torch.Tensor]:
+    def batch(self, step: int) -> tuple[str, dict, tuple[torch.Tensor, ...]]:
         kind = self.tasks[step % len(self.tasks)]
         index = self.first + step * self.batch_size
         records = [sample(kind, "train", index + i, seed=self.seed) for i in range(self.batch_size)]
@@ -202,10 +218,13 @@ class Batches(IterableDataset):
         inputs = batch_inputs(self.processor, kind, items, train=True)
         counts = torch.isin(inputs["input_ids"], self.vision_ids).sum(dim=1).tolist()
         grids = [token_grid(n, m) for (_, m), n in zip(records, counts, strict=True)]
-        targets = torch.cat(
-            [probe_targets(r, g, _frames(m)[0].width) for (r, m), g in zip(records, grids, strict=True)]
+        return (
+            kind,
+            inputs,
+            collate_probes(
+                [probe_targets(r, g, _frames(m)[0].width) for (r, m), g in zip(records, grids, strict=True)]
+            ),
         )
-        return kind, inputs, targets
 
 
 def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> float:
@@ -259,11 +278,11 @@ def train(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         kind, inputs, targets = next(loader)
-        inputs, targets = inputs.to(args.device), targets.to(args.device)
+        inputs, targets = inputs.to(args.device), [t.to(args.device) for t in targets]
         with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.device != "cpu"):
             answer_loss = model(**inputs).loss
         vision_rows = torch.isin(inputs["input_ids"], vision_id_tensor)
-        probe_loss = probe.loss(llm_inputs.embeds[vision_rows].float(), targets)
+        probe_loss = probe.loss(llm_inputs.embeds[vision_rows].float(), *targets)
         (answer_loss + args.aux_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), optimizer.zero_grad()

@@ -193,12 +193,28 @@ _OUTLINES: dict[str, np.ndarray] = {
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: int, cy: int, size: int) -> None:
     """A solid ``shape`` filling a ``size``-pixel box centred on (cx, cy), without antialiasing (exact colour)."""
+    _fill(draw, shape, cx, cy, size, COLOURS[colour])
+
+
+def shape_mask(shape: str, cx: int, cy: int, size: int, width: int, height: int) -> np.ndarray:
+    """The (height, width) boolean mask of the pixels :func:`draw_shape` paints for the same arguments."""
+    mask = Image.new("L", (width, height))
+    _fill(ImageDraw.Draw(mask), shape, cx, cy, size, 1)
+    return np.asarray(mask, dtype=bool)
+
+
+def _fill(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, size: int, fill: tuple[int, int, int] | int) -> None:
     r = (size - 1) / 2
-    fill = COLOURS[colour]
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         draw.polygon([(float(x), float(y)) for x, y in _OUTLINES[shape] * r + (cx, cy)], fill=fill)
+
+
+def fit_cells(size: int, cell: int) -> int:
+    """``size`` grown to fill whole ``cell``-px cells less a 4 px border, so that a from-scratch ViT sees each
+    shape in one of a few grid phases and learns it within a CPU hour (``cell`` 0: ``size`` unchanged)."""
+    return math.ceil(size / cell) * cell - 4 if cell else size
 
 
 def place(
@@ -210,17 +226,21 @@ def place(
     canvas: int,
     margin: int,
     tries: int = 4,
+    cell: int = 1,
 ) -> np.ndarray | None:
     """A track (frames, 2) = start + ``offsets`` whose box stays on the canvas and ``margin`` px clear of every
     placed track (``placed``: (k, frames, 2), half-sizes ``radii``) in every frame; None if ``tries`` batches of
-    64 random starts all fail (rejection sampling, vectorised over candidates)."""
+    64 random starts all fail (rejection sampling, vectorised over candidates). With ``cell`` > 1 the start's box
+    fills whole cells of a ``cell``-px grid: its centre sits on a cell centre (odd box widths in cells) or corner."""
     edge = 2 + radius
     low = np.ceil(edge - offsets.min(axis=0)).astype(np.int64)
     high = np.floor(canvas - edge - offsets.max(axis=0)).astype(np.int64)
-    if np.any(low > high):
+    phase = math.ceil(2 * radius / cell) * cell // 2 % cell if cell > 1 else 0
+    first = low + (phase - low) % cell
+    if np.any(first > high):
         return None
     for _ in range(tries):
-        starts = rng.integers(low, high + 1, (64, 2))
+        starts = first + cell * rng.integers(0, (high - first) // cell + 1, (64, 2))
         tracks = starts[:, None, :] + offsets[None]
         if not len(placed):
             return tracks[0]

@@ -1,10 +1,10 @@
 """MotionVQA: one-word questions about what changes in a short clip (16 frames of 224x224 by default).
 
-The textured background is the same in every frame and 2-5 solid objects (unique colour+shape pairs)
-each play one role: ``static``, ``mover`` (straight left/right/up/down, far enough to leave its
-starting box), ``appear`` (absent until frame ``appear``) or ``disappear`` (gone from frame
-``disappear`` on). So most patches repeat from frame to frame, and the answer lives in the few that
-change, which is what temporal token merging and pruning must keep.
+The textured background is the same in every frame and 2-5 solid objects (unique colour+shape pairs) each play
+one role: ``static``, ``mover`` (straight left/right/up/down, far enough to leave its starting box; on the
+default 28 px token grid a cell at a time, between two-frame temporal patches), ``appear`` (absent until frame
+``appear``) or ``disappear`` (gone from frame ``disappear`` on). So most patches repeat from frame to frame,
+and the answer lives in the few that change, which is what temporal token merging and pruning must keep.
 
 Templates (``type``): ``direction`` "which way did the <colour> <shape> move?" (left/right/up/down),
 ``appeared`` "which object appeared?" (the shape of the one object that appears), ``appear_time`` "in
@@ -34,6 +34,7 @@ from tokred.zoo.datasets.common import (
     Question,
     background,
     draw_shape,
+    fit_cells,
     pick,
     place,
     require,
@@ -59,6 +60,7 @@ class Params(BaseParams):
     object_size: tuple[int, int] = (20, 44)
     shift: tuple[int, int] = (52, 112)  # a mover's displacement from the first to the last frame
     margin: int = 6
+    cell: int = 28  # objects fill whole cells of this grid and move a cell at a time, every 2 frames; 0: freely
 
     def check(self) -> None:
         require(12 <= self.frames <= 1000, "frames must be in [12, 1000] (each third needs inner frames)")
@@ -112,10 +114,11 @@ def scene(rng: np.random.Generator, qtype: str, params: Params) -> list[dict] | 
     pairs = rng.choice(len(COLOURS) * len(SHAPES), n, replace=False)
     objects, placed = [], np.zeros((0, params.frames, 2), np.int64)
     for role, pair in zip(roles, pairs, strict=True):
-        size = int(rng.integers(params.object_size[0], params.object_size[1] + 1))
+        size = fit_cells(int(rng.integers(params.object_size[0], params.object_size[1] + 1)), params.cell)
         motion = pick(rng, list(DIRECTIONS)) if role == "mover" else "static"
         radii = np.array([o["size"] / 2 for o in objects])
-        track = place(rng, placed, radii, _offsets(rng, motion, params), size / 2, params.size, params.margin)
+        offsets = _offsets(rng, motion, params)
+        track = place(rng, placed, radii, offsets, size / 2, params.size, params.margin, cell=max(1, params.cell))
         if track is None:
             return None
         placed = np.concatenate([placed, track[None]])
@@ -145,10 +148,15 @@ def _roles(rng: np.random.Generator, qtype: str, n: int) -> list[str]:
 
 
 def _offsets(rng: np.random.Generator, motion: str, params: Params) -> np.ndarray:
-    """Per-frame displacement (frames, 2) from the start: linear, rounded to whole pixels."""
+    """Per-frame displacement (frames, 2) from the start: linear, rounded to whole pixels; on a grid, whole cells
+    that change on even frames only (both frames of a two-frame temporal patch show one position)."""
     if motion == "static":
         return np.zeros((params.frames, 2), np.int64)
     distance = int(rng.integers(params.shift[0], params.shift[1] + 1))
+    if params.cell:
+        cells, pairs = max(1, round(distance / params.cell)), (params.frames + 1) // 2
+        slots = np.rint(cells * (np.arange(params.frames) // 2) / max(1, pairs - 1)).astype(np.int64)
+        return (params.cell * slots)[:, None] * np.array(DIRECTIONS[motion])
     steps = np.rint(distance * np.arange(params.frames) / (params.frames - 1)).astype(np.int64)
     return steps[:, None] * np.array(DIRECTIONS[motion])
 

@@ -1,10 +1,13 @@
 """ShapesVQA: one-word questions about 3-8 solid shapes on a cluttered canvas (448x448 by default).
 
-Every scene has exactly one tiny object (16-22 px, about one ViT patch) and all others are at least
-36 px. A fixed share of the questions (``smallest_share``) asks about that tiny object, so a pruning
-method that drops its one or two vision tokens gets exactly those wrong. The other questions never
-depend on it: their answers stay the same with the smallest object removed (counts skip its colour,
-targets are other objects), which keeps the two groups cleanly separable in evaluation.
+Every scene has exactly one tiny object (16-22 px, in the middle of one 28 px token cell) and all others fill
+2-4 whole cells less a 4 px border (52-108 px). Placing objects on the token grid (``cell``; 0 places them
+anywhere) is what lets a from-scratch ViT learn shapes within a CPU hour: anywhere on the canvas a shape shows
+in too many grid phases (see ``benchmarks/tower_probe.py``). A fixed share of the questions
+(``smallest_share``) asks about that tiny object, so a pruning method that drops its one or two vision tokens
+gets exactly those wrong. The other questions never depend on it: their answers stay the same with the
+smallest object removed (counts skip its colour, targets are other objects), which keeps the two groups
+cleanly separable in evaluation.
 
 Templates (``type``): ``colour`` "what colour is the <shape>?" (shape unique in the scene), ``shape``
 "what shape is the <colour> object?" (colour unique), ``count`` "how many <colour> objects are
@@ -31,6 +34,7 @@ from tokred.zoo.datasets.common import (
     Question,
     background,
     draw_shape,
+    fit_cells,
     is_about_smallest,
     pick,
     place,
@@ -54,7 +58,8 @@ class Params(BaseParams):
     min_objects: int = 3
     max_objects: int = 8
     small_size: tuple[int, int] = (16, 22)  # the one smallest object
-    object_size: tuple[int, int] = (36, 120)  # all the others
+    object_size: tuple[int, int] = (36, 108)  # all the others
+    cell: int = 28  # objects fill whole cells of this grid (the ViT token grid); 0: anywhere
     smallest_share: float = 0.3
     zero_share: float = 0.15  # count questions about an absent colour
     midline_margin: int = 24
@@ -110,13 +115,13 @@ def scene(rng: np.random.Generator, params: Params) -> list[dict] | None:
     from a random subset of the palette so that repeated colours (and counts above 1) are common."""
     n = int(rng.integers(params.min_objects, params.max_objects + 1))
     sizes = [int(rng.integers(params.small_size[0], params.small_size[1] + 1))]
-    sizes += sorted((skewed_int(rng, *params.object_size) for _ in range(n - 1)), reverse=True)
+    sizes += sorted((fit_cells(skewed_int(rng, *params.object_size), params.cell) for _ in range(n - 1)), reverse=True)
     palette = rng.choice(len(COLOURS), int(rng.integers(2, len(COLOURS) + 1)), replace=False)
     colours, still = list(COLOURS), np.zeros((1, 2), np.int64)
     objects, placed = [], np.zeros((0, 1, 2), np.int64)
     for size in sizes[1:] + sizes[:1]:  # largest first, the tiny one last
         radii = np.array([o["size"] / 2 for o in objects])
-        track = place(rng, placed, radii, still, size / 2, params.size, params.margin)
+        track = place(rng, placed, radii, still, size / 2, params.size, params.margin, cell=max(1, params.cell))
         if track is None:
             return None
         placed = np.concatenate([placed, track[None]])
