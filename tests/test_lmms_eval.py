@@ -14,7 +14,8 @@ pytest.importorskip("lmms_eval")
 import tokred  # noqa: E402
 from tokred.cli import main  # noqa: E402
 from tokred.eval import STOCK, evaluate, grid  # noqa: E402
-from tokred.eval.lmms_tasks import include_path  # noqa: E402
+from tokred.eval.lmms_run import model_args  # noqa: E402
+from tokred.eval.lmms_tasks import TASKS, include_path  # noqa: E402
 from tokred.zoo import available, build, card, load  # noqa: E402
 
 LIMIT = 12
@@ -28,43 +29,42 @@ def offline(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_datasets"))
 
 
-def checkpoints() -> list[str]:
-    trained = [name for name in available() if "shapes" in card(name)["tasks"]]
-    return trained or ["random-qwen2_5_vl"]
+def checkpoints() -> list[tuple[str, str]]:
+    """(checkpoint, local task) pairs: each trained checkpoint on its tasks, else a random build on both."""
+    trained = [(name, task) for name in available() for task in card(name)["tasks"]]
+    return trained or [("random-qwen2_5_vl", "shapes"), ("random-qwen2_5_vl", "motion")]
 
 
-def lmms_run(path: str, base: str, recipe: str) -> tuple[float, list[str], object]:
+def lmms_run(path: str, setting, task: str) -> tuple[float, list[str], object]:
     """lmms-eval's accuracy, its answer per question, and the model its plugin patched."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager
 
-    args = f"base={base},pretrained={path},recipe={recipe},dtype=float32,device=cpu"
-    lm = get_model("tokred").create_from_arg_string(args, {"batch_size": 1})
+    lm = get_model("tokred").create_from_arg_string(f"{model_args(path, setting, 'cpu')},device=cpu", {"batch_size": 1})
     model = lm._model  # lmms-eval deletes it from the wrapper when the run ends
     tasks = TaskManager(include_path=str(include_path(LIMIT)), include_defaults=False)
-    result = simple_evaluate(model=lm, tasks=["tokred_shapes"], limit=LIMIT, task_manager=tasks, bootstrap_iters=0)
-    samples = sorted(result["samples"]["tokred_shapes"], key=lambda s: s["doc_id"])
+    name = TASKS[task]
+    result = simple_evaluate(model=lm, tasks=[name], limit=LIMIT, task_manager=tasks, bootstrap_iters=0)
+    samples = sorted(result["samples"][name], key=lambda s: s["doc_id"])
     answers = [s["filtered_resps"][0].strip() for s in samples]
-    return result["results"]["tokred_shapes"]["exact_match,none"], answers, model
+    return result["results"][name]["exact_match,none"], answers, model
 
 
-@pytest.mark.parametrize("name", checkpoints())
+@pytest.mark.parametrize(("name", "task"), checkpoints())
 @pytest.mark.parametrize("recipe", ["none", "fastv-25"])
-def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, recipe, tmp_path):
-    # the random build takes 448 px images whole, as lmms-eval's Qwen class does (its min_pixels is 448^2)
+def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, task, recipe, tmp_path):
+    # the random build takes 448 px images whole, as lmms-eval's Qwen class does
     path = str(build("qwen2_5_vl", tmp_path / "q", image_size=448) if name.startswith("random-") else name)
-    family = card(name)["family"] if name in available() else "qwen2_5_vl"
-    base = "llava_hf" if family.startswith("llava") else family
-    accuracy, answers, lmms_model = lmms_run(path, base, recipe)
+    setting = STOCK if recipe == "none" else grid(recipes=[recipe])[1]
+    accuracy, answers, lmms_model = lmms_run(path, setting, task)
     kept = tokred.stats(lmms_model).vision_tokens
     assert kept["input"] == [kept["input"][0]] and list(kept.values())[-1][0] == (
         kept["input"][0] if recipe == "none" else (kept["input"][0] + 2) // 4
     )
 
     model, processor = load(path)
-    settings = [STOCK] if recipe == "none" else grid(recipes=[recipe])[1:]
-    (row,) = evaluate(model, processor, settings, ["shapes"], limit=LIMIT, batch_size=1, progress=False)
+    (row,) = evaluate(model, processor, [setting], [task], limit=LIMIT, batch_size=1, progress=False)
     assert all(answers) and answers == row.answers and accuracy == row.accuracy
 
 
@@ -73,6 +73,8 @@ def test_unknown_base_is_explained():
 
     with pytest.raises(ValueError, match="base=<lmms-eval model>, one of: qwen2_5_vl, qwen2_vl, qwen3_vl, llava_hf"):
         get_model("tokred").create_from_arg_string("base=blip2,pretrained=x", {})
+    with pytest.raises(ValueError, match="'llava_onevision' class runs the original LLaVA-NeXT code.*base=llava_hf"):
+        get_model("tokred").create_from_arg_string("base=llava_onevision,pretrained=x", {})
 
 
 def test_kv_schemes_are_refused_until_they_exist(tmp_path):

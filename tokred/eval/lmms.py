@@ -27,6 +27,12 @@ from tokred.zoo.checkpoints import resolve
 BASES = tuple(dict.fromkeys(BASE.values()))
 """lmms-eval model names that ``base`` may take (llava_hf covers LLaVA and LLaVA-OneVision on transformers)."""
 
+NOT_TRANSFORMERS = {
+    "llava_onevision": "the original LLaVA-NeXT code (the `llava` package)",
+    "llava": "the original LLaVA code (the `llava` package)",
+}
+"""lmms-eval classes for our families that load their models without transformers."""
+
 
 class Tokred(lmms):
     """``--model tokred``: builds lmms-eval's class for ``base`` with tokred applied (see the module docstring)."""
@@ -34,6 +40,11 @@ class Tokred(lmms):
     is_simple = False
 
     def __new__(cls, base: str = "", **kwargs: Any):  # returns an instance of the patched base class
+        if base in NOT_TRANSFORMERS:
+            raise ValueError(
+                f"lmms-eval's {base!r} class runs {NOT_TRANSFORMERS[base]}, not transformers, so tokred cannot patch "
+                "it; for the same model on transformers use base=llava_hf"
+            )
         if base not in BASES:
             raise ValueError(f"tokred needs base=<lmms-eval model>, one of: {', '.join(BASES)}; got {base!r}")
         return _patched_class(base)(**kwargs)

@@ -66,13 +66,19 @@ def check_tasks(manager, tasks: Sequence[str]) -> None:
             ) from error
 
 
+MIN_PIXELS = 28 * 28
+"""Qwen bases: media are never upscaled, so lmms-eval's model sees the sizes `tokred eval` does."""
+
+
 def model_args(path: Path, setting: Setting, device: str) -> str:
     family = AutoConfig.from_pretrained(path).model_type
     if family not in BASE:
         raise ValueError(f"{path} is a {family!r} checkpoint; lmms-eval runs: {', '.join(sorted(BASE))}")
     recipe = setting.config if isinstance(setting.config, str) else f"{setting.method},keep={setting.keep}"
-    dtype = ",dtype=float32" if device == "cpu" else ""  # lmms-eval's Qwen classes load bfloat16
-    return f"base={BASE[family]},pretrained={path},recipe={recipe}{dtype}"  # simple_evaluate passes device
+    extra = ",dtype=float32" if device == "cpu" else ""  # lmms-eval's Qwen classes load bfloat16
+    if family.startswith("qwen"):  # its default min_pixels (448^2) would upscale MotionVQA's 224 px frames
+        extra += f",min_pixels={MIN_PIXELS}"
+    return f"base={BASE[family]},pretrained={path},recipe={recipe}{extra}"  # simple_evaluate passes device
 
 
 def evaluate(

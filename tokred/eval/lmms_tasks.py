@@ -1,9 +1,11 @@
 """lmms-eval task YAMLs for tokred's local benchmarks, written next to the data they read.
 
 `include_path()` makes sure the test questions exist (the same files `tokred eval` reads), writes
-``tokred_shapes.jsonl`` with absolute image paths and ``tokred_shapes.yaml``, and returns the directory to
-pass as lmms-eval's ``--include_path``. Scoring is exact match on the stripped answer, as in `tokred eval`.
-MotionVQA is not offered yet: lmms-eval's model classes take videos as files, the benchmark ships frames.
+``tokred_shapes.jsonl`` / ``tokred_motion.jsonl`` with absolute media paths and a YAML per task, and returns
+the directory to pass as lmms-eval's ``--include_path``. A MotionVQA clip goes to lmms-eval as the list of
+its lossless PNG frames (a video item whose url is that list; lmms-eval's Qwen classes hand it to
+qwen_vl_utils, which reads frame lists), so the model sees the very frames `tokred eval` gives it. Scoring is
+exact match on the stripped answer, as in `tokred eval`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from PIL import Image
 
 from tokred.eval.tasks import DEFAULT_QUESTIONS, data_root, ensure
 from tokred.zoo import datasets
+from tokred.zoo.datasets.common import frame_name
 
-TASKS = {"shapes": "tokred_shapes"}
+TASKS = {"shapes": "tokred_shapes", "motion": "tokred_motion"}
 """Local task -> lmms-eval task name."""
 
 _YAML = """\
@@ -53,13 +56,24 @@ def include_path(n: int = DEFAULT_QUESTIONS, seed: int = 0, root: str | os.PathL
     for task, name in TASKS.items():
         directory = ensure(task, n, seed)
         records = datasets.load(task, directory.parent, "test")[:n]
-        lines = [json.dumps({**r, "image": str(directory / r["image"])}) for r in records]
+        lines = [json.dumps(_absolute(r, directory)) for r in records]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
         (out / f"{name}.yaml").write_text(_YAML.format(name=name, data=out / f"{name}.jsonl"))
     return out
 
 
-def doc_to_visual(doc: dict) -> list[Image.Image]:
+def _absolute(record: dict, directory: Path) -> dict:
+    """The record with its image path, or its clip's frame paths, made absolute."""
+    if "image" in record:
+        return {**record, "image": str(directory / record["image"])}
+    clip = directory / record["video"]
+    return {**record, "video": [str(clip / frame_name(t)) for t in range(record["frames"])]}
+
+
+def doc_to_visual(doc: dict) -> list[Image.Image | dict]:
+    """The image, or the clip as one video item whose url lists its frame files."""
+    if "video" in doc:
+        return [{"type": "video", "url": doc["video"]}]
     with Image.open(doc["image"]) as image:
         return [image.convert("RGB")]
 

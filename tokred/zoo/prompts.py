@@ -7,6 +7,10 @@ import torch
 
 MEDIA = {"shapes": "image", "motion": "video"}
 """The medium of each synthetic task: ShapesVQA asks about images, MotionVQA about clips."""
+FPS = 2.0
+"""The frame rate clips are given to processors at (without one, transformers assumes 24 fps, so Qwen's M-RoPE
+time steps between two-frame patches round to 0); 2 fps is also what qwen_vl_utils, and with it lmms-eval's Qwen
+classes, gives frame lists."""
 
 
 def chat(processor, kind: str, question: str, first: bool = True) -> str:
@@ -18,8 +22,10 @@ def chat(processor, kind: str, question: str, first: bool = True) -> str:
 
 def media_inputs(processor, kind: str, texts: list[str], media: list) -> dict:
     """Processor inputs (left-padded batch) for texts that each hold one image or clip of the task's medium."""
-    key = "images" if MEDIA[kind] == "image" else "videos"
-    return processor(text=texts, **{key: media}, return_tensors="pt", padding=True)
+    if MEDIA[kind] == "image":
+        return processor(text=texts, images=media, return_tensors="pt", padding=True)
+    metadata = [{"fps": FPS, "frames_indices": list(range(len(clip))), "total_num_frames": len(clip)} for clip in media]
+    return processor(text=texts, videos=media, video_metadata=metadata, return_tensors="pt", padding=True)
 
 
 def generate_answers(
