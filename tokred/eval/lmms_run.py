@@ -70,7 +70,9 @@ MIN_PIXELS = 28 * 28
 """Qwen bases: media are never upscaled, so lmms-eval's model sees the sizes `tokred eval` does."""
 
 
-def model_args(path: Path, setting: Setting, device: str) -> str:
+def model_args(model: str | Path, setting: Setting, device: str) -> str:
+    """The plugin's ``--model_args`` for a shipped name or checkpoint directory under one setting."""
+    path = resolve(model)
     family = AutoConfig.from_pretrained(path).model_type
     if family not in BASE:
         raise ValueError(f"{path} is a {family!r} checkpoint; lmms-eval runs: {', '.join(sorted(BASE))}")
@@ -96,12 +98,11 @@ def evaluate(
 
     manager = task_manager(limit, seed)
     check_tasks(manager, tasks)
-    path = resolve(model)
     rows = []
     for setting in settings:
         result = simple_evaluate(
             model="tokred",
-            model_args=model_args(path, setting, device),
+            model_args=model_args(model, setting, device),
             tasks=list(tasks),
             limit=limit,
             batch_size=batch_size,

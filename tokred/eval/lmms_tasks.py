@@ -4,8 +4,10 @@
 ``tokred_shapes.jsonl`` / ``tokred_motion.jsonl`` with absolute media paths and a YAML per task, and returns
 the directory to pass as lmms-eval's ``--include_path``. A MotionVQA clip goes to lmms-eval as the list of
 its lossless PNG frames (a video item whose url is that list; lmms-eval's Qwen classes hand it to
-qwen_vl_utils, which reads frame lists), so the model sees the very frames `tokred eval` gives it. Scoring is
-exact match on the stripped answer, as in `tokred eval`.
+qwen_vl_utils, which reads frame lists at 2 fps, as `tokred eval` gives clips). Those classes pass one
+min/max_pixels for images and videos to the processor, overriding a checkpoint's own video size limit, so a
+model whose processor shrinks frames (the zoo's Qwen builds: 112 px) sees them larger there. Scoring is exact
+match on the stripped answer, as in `tokred eval`.
 """
 
 from __future__ import annotations
