@@ -257,3 +257,12 @@ def test_vision_and_image_size_overrides(tmp_path, family, vision) -> None:
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 256
     with torch.inference_mode():
         assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
+def test_image_size_lets_qwen_take_half_size_frames_whole(tmp_path) -> None:
+    """With 448 px images, 224 px clips (MotionVQA) keep their size: 16 frames -> 8 x 8 x 8 tokens; default 112."""
+    frames = [image((224, 224)) for _ in range(16)]
+    for size, tokens in ((448, 8 * 64), (None, 8 * 16)):
+        processor = AutoProcessor.from_pretrained(build("qwen2_5_vl", tmp_path / str(size), image_size=size))
+        inputs = processor(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[frames], return_tensors="pt")
+        assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum()) == tokens

@@ -369,7 +369,8 @@ def _onevision_processor(
 
 # Qwen2-VL / Qwen2.5-VL: patch 14, 2x2 merge -> one token per 28x28 pixels; temporal patch 2.
 # Images are resized to 56x56 .. 224x224 (4 .. 64 tokens; 112x112 -> 16 tokens; ``image_size``
-# raises the upper side), video frames to at most 112x112 (N frames of 112x112 -> N/2 * 16 tokens).
+# raises the upper side), video frames to at most 112x112 (N frames of 112x112 -> N/2 * 16 tokens;
+# with ``image_size`` at most half its side, so 448 px images take 224 px MotionVQA frames whole).
 _QWEN2_FACTOR = 28
 
 
@@ -431,7 +432,7 @@ def _qwen2_processor(
     f = _QWEN2_FACTOR
     side = (image_size or 8 * f) // f
     image_size = {"shortest_edge": 4 * f * f, "longest_edge": side * side * f * f}
-    video_size = {"shortest_edge": 4 * f * f, "longest_edge": 16 * f * f}  # per frame
+    video_size = {"shortest_edge": 4 * f * f, "longest_edge": max(4, side // 2) ** 2 * f * f}  # per frame
     return cls(
         image_processor=Qwen2VLImageProcessor(size=image_size, patch_size=_PATCH, merge_size=2, temporal_patch_size=2),
         # Frames are used as given (no fps sampling), like the real checkpoints. Since ~5.20 an
