@@ -1,10 +1,23 @@
 """tokred: fewer vision tokens, cheaper caches and lighter weights for transformers VLMs, in one line."""
 
-from tokred.config import PRESETS, Config
+from tokred.config import KV_SCHEMES, PRESETS, WEIGHT_BITS, Config
 from tokred.methods import METHODS, FastV, Random
 from tokred.patch import patch, patched, stats, unpatch
 from tokred.stats import Stats
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "PRESETS", "Config", "FastV", "Random", "Stats", "patch", "patched", "stats", "unpatch"]
+__all__ = [
+    "KV_SCHEMES",
+    "METHODS",
+    "PRESETS",
+    "WEIGHT_BITS",
+    "Config",
+    "FastV",
+    "Random",
+    "Stats",
+    "patch",
+    "patched",
+    "stats",
+    "unpatch",
+]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from tokred.adapters import ADAPTERS
-from tokred.config import PRESETS, RECOMMENDED
+from tokred.config import KV_SCHEMES, PRESETS, RECOMMENDED, WEIGHT_BITS
 from tokred.methods import METHODS
 from tokred.zoo import FAMILIES, build
 
@@ -160,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_parser.add_argument(
         "--recipes", nargs="+", default=[], help=f"presets (default without --methods: {' '.join(DEFAULT_RECIPES)})"
     )
-    eval_parser.add_argument("--kv", choices=["none"], default="none", help="KV-cache scheme (none yet)")
-    eval_parser.add_argument("--weights", choices=["none"], default="none", help="weight bits (none yet)")
+    eval_parser.add_argument("--kv", choices=KV_SCHEMES, default="none", help="KV-cache scheme (none yet)")
+    eval_parser.add_argument("--weights", choices=WEIGHT_BITS, default="none", help="weight bits (none yet)")
     eval_parser.add_argument(
         "--backend",
         choices=["tokred", "lmms-eval"],

@@ -35,6 +35,11 @@ class Config:
         object.__setattr__(self, "methods", {s: by_stage[s] for s in STAGES if s in by_stage})
 
 
+KV_SCHEMES: tuple[str, ...] = ("none",)
+"""KV-cache schemes a run may name (`tokred eval --kv`, the plugin's ``kv=``, the demo); "none" until kv/ lands."""
+WEIGHT_BITS: tuple[str, ...] = ("none",)
+"""Weight bit allocations a run may name, as for KV_SCHEMES; "none" until weights/ lands."""
+
 PRESETS: dict[str, Config] = {
     **{f"random-{p}": Config(prune=Random(keep=p / 100)) for p in (75, 50, 25, 10)},
     **{f"fastv-{p}": Config(prune=FastV(layer=2, keep=p / 100)) for p in (75, 50, 25, 10)},

@@ -11,7 +11,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokred
-from tokred.demo.compare import KV_SCHEMES, STOCK, WEIGHT_BITS, Run, kept_cells, recipe, stream
+from tokred.demo.compare import STOCK, Run, kept_cells, recipe, stream
 from tokred.demo.media import EXAMPLES, example, medium, read
 from tokred.demo.overlay import overlay, strip
 from tokred.zoo.datasets import Media
@@ -125,8 +125,8 @@ def build_app(model, processor, warning: str | None = None, max_new_tokens: int 
                     method = gr.Dropdown([STOCK, *sorted(tokred.METHODS)], value="fastv", label="method")
                     keep = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="keep ratio")
                 with gr.Row():
-                    kv = gr.Dropdown(list(KV_SCHEMES), value=KV_SCHEMES[0], label="KV-cache scheme")
-                    weights = gr.Dropdown(list(WEIGHT_BITS), value=WEIGHT_BITS[0], label="weight bits")
+                    kv = gr.Dropdown(list(tokred.KV_SCHEMES), value="none", label="KV-cache scheme")
+                    weights = gr.Dropdown(list(tokred.WEIGHT_BITS), value="none", label="weight bits")
                     tokens = gr.Slider(1, 64, value=max_new_tokens, step=1, label="max new tokens")
                 go = gr.Button("answer", variant="primary")
                 status = gr.Markdown(f"expected answer: **{first_record['answer']}**", elem_id="status")

@@ -23,17 +23,13 @@ from tokred.zoo.prompts import chat, media_inputs
 
 STOCK = "none"
 """The recipe of the stock side: nothing removed."""
-KV_SCHEMES = ("none",)
-"""KV-cache schemes the demo offers; new ones are added here and turned into Config fields by `recipe`."""
-WEIGHT_BITS = ("none",)
-"""Weight bit allocations the demo offers, as for KV_SCHEMES."""
 TASK = {"image": "shapes", "video": "motion"}
 """The synthetic task whose prompt format `tokred.zoo.prompts` uses for each medium."""
 
 
 def recipe(method: str, keep: float, kv: str = "none", weights: str = "none") -> tokred.Config | str:
     """The demo's recipe controls as what `tokred.patch` takes; ValueError naming the allowed values."""
-    for name, value, allowed in (("KV scheme", kv, KV_SCHEMES), ("weight bits", weights, WEIGHT_BITS)):
+    for name, value, allowed in (("KV scheme", kv, tokred.KV_SCHEMES), ("weight bits", weights, tokred.WEIGHT_BITS)):
         if value not in allowed:
             raise ValueError(f"{name} {value!r} is not supported yet; supported: {', '.join(allowed)}")
     if method == STOCK:

@@ -68,9 +68,9 @@ def _patched_class(base: str) -> type:
             dtype: str | None = None,
             **kwargs: Any,
         ) -> None:
-            for name, value in (("kv", kv), ("weights", weights)):
-                if value != "none":
-                    raise ValueError(f"{name}={value!r} is not available yet; allowed: none")
+            for name, value, allowed in (("kv", kv, tokred.KV_SCHEMES), ("weights", weights, tokred.WEIGHT_BITS)):
+                if value not in allowed:
+                    raise ValueError(f"{name}={value!r} is not available yet; allowed: {', '.join(allowed)}")
             config = recipe_config(recipe, keep)
             kwargs.setdefault("device_map", kwargs.get("device") or "cpu")
             path = str(resolve(pretrained))

@@ -226,21 +226,23 @@ def place(
     canvas: int,
     margin: int,
     tries: int = 4,
-    cell: int = 1,
+    cell: int = 0,
 ) -> np.ndarray | None:
     """A track (frames, 2) = start + ``offsets`` whose box stays on the canvas and ``margin`` px clear of every
     placed track (``placed``: (k, frames, 2), half-sizes ``radii``) in every frame; None if ``tries`` batches of
-    64 random starts all fail (rejection sampling, vectorised over candidates). With ``cell`` > 1 the start's box
-    fills whole cells of a ``cell``-px grid: its centre sits on a cell centre (odd box widths in cells) or corner."""
+    64 random starts all fail (rejection sampling, vectorised over candidates). With a ``cell`` the start's box
+    fills whole cells of a ``cell``-px grid: its centre sits on a cell centre (odd box widths in cells) or corner;
+    0 places it on any pixel."""
     edge = 2 + radius
     low = np.ceil(edge - offsets.min(axis=0)).astype(np.int64)
     high = np.floor(canvas - edge - offsets.max(axis=0)).astype(np.int64)
-    phase = math.ceil(2 * radius / cell) * cell // 2 % cell if cell > 1 else 0
-    first = low + (phase - low) % cell
+    step = max(1, cell)
+    phase = math.ceil(2 * radius / step) * step // 2 % step
+    first = low + (phase - low) % step
     if np.any(first > high):
         return None
     for _ in range(tries):
-        starts = first + cell * rng.integers(0, (high - first) // cell + 1, (64, 2))
+        starts = first + step * rng.integers(0, (high - first) // step + 1, (64, 2))
         tracks = starts[:, None, :] + offsets[None]
         if not len(placed):
             return tracks[0]

@@ -118,7 +118,7 @@ def scene(rng: np.random.Generator, qtype: str, params: Params) -> list[dict] | 
         motion = pick(rng, list(DIRECTIONS)) if role == "mover" else "static"
         radii = np.array([o["size"] / 2 for o in objects])
         offsets = _offsets(rng, motion, params)
-        track = place(rng, placed, radii, offsets, size / 2, params.size, params.margin, cell=max(1, params.cell))
+        track = place(rng, placed, radii, offsets, size / 2, params.size, params.margin, cell=params.cell)
         if track is None:
             return None
         placed = np.concatenate([placed, track[None]])

@@ -121,7 +121,7 @@ def scene(rng: np.random.Generator, params: Params) -> list[dict] | None:
     objects, placed = [], np.zeros((0, 1, 2), np.int64)
     for size in sizes[1:] + sizes[:1]:  # largest first, the tiny one last
         radii = np.array([o["size"] / 2 for o in objects])
-        track = place(rng, placed, radii, still, size / 2, params.size, params.margin, cell=max(1, params.cell))
+        track = place(rng, placed, radii, still, size / 2, params.size, params.margin, cell=params.cell)
         if track is None:
             return None
         placed = np.concatenate([placed, track[None]])
