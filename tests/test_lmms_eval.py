@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -66,10 +68,33 @@ def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, task, recipe, tmp_p
     model, processor = load(path)
     (row,) = evaluate(model, processor, [setting], [task], limit=LIMIT, batch_size=1, progress=False)
     assert all(answers)
-    if task == "shapes":
-        assert kept["input"][0] == row.vision_tokens_in and answers == row.answers and accuracy == row.accuracy
-    # MotionVQA runs but is not compared: lmms-eval's Qwen classes pass one min/max_pixels for images and videos to
-    # the processor, which overrides the checkpoint's video limit (112 px frames, 128 tokens; lmms-eval: 224 px, 512).
+    assert kept["input"][0] == row.vision_tokens_in and answers == row.answers and accuracy == row.accuracy
+
+
+def test_accelerate_data_parallel_gives_the_single_process_answers(tmp_path):
+    """lmms-eval's several-GPU path, `accelerate launch --multi_gpu` (gloo on a CPU-only machine): two ranks each
+    load and patch the model and answer half the questions; the gathered answers are `tokred eval`'s."""
+    setting = grid(recipes=["fastv-25"])[1]
+    out = tmp_path / "out"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(port), "-m", "lmms_eval", "--model", "tokred"]
+    launch += ["--model_args", f"{model_args('shapes-llava', setting, 'cpu')},device=cpu", "--tasks", "tokred_shapes"]
+    launch += ["--include_path", str(include_path(LIMIT)), "--limit", str(LIMIT), "--batch_size", "1"]
+    launch += ["--output_path", str(out), "--log_samples"]
+    done = subprocess.run(
+        launch, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "Running on rank 1" in log, log[-3000:]
+    (samples,) = out.rglob("*_samples_tokred_shapes.jsonl")
+    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    model, processor = load("shapes-llava")
+    (row,) = evaluate(model, processor, [setting], ["shapes"], limit=LIMIT, batch_size=1, progress=False)
+    assert [r["doc_id"] for r in rows] == list(range(LIMIT))
+    assert [r["filtered_resps"].strip() for r in rows] == row.answers
 
 
 def test_unknown_base_is_explained():
@@ -79,6 +104,15 @@ def test_unknown_base_is_explained():
         get_model("tokred").create_from_arg_string("base=blip2,pretrained=x", {})
     with pytest.raises(ValueError, match="'llava_onevision' class runs the original LLaVA-NeXT code.*base=llava_hf"):
         get_model("tokred").create_from_arg_string("base=llava_onevision,pretrained=x", {})
+
+
+def test_a_base_of_another_family_is_refused():
+    from lmms_eval.models import get_model
+
+    with pytest.raises(
+        ValueError, match="shapes-llava is a 'llava' checkpoint: use base=llava_hf, not base=qwen2_5_vl"
+    ):
+        get_model("tokred").create_from_arg_string("base=qwen2_5_vl,pretrained=shapes-llava,device=cpu", {})
 
 
 def test_kv_schemes_are_refused_until_they_exist(tmp_path):

@@ -9,7 +9,8 @@ its hooks to the loaded model.
 Model args besides the base class's own: ``base`` (lmms-eval model name), ``recipe`` (preset or method name,
 default the family's recommended one), ``keep`` (with a method name), ``kv`` and ``weights`` (``none`` for now),
 and ``dtype`` (reload the weights at this dtype; lmms-eval's Qwen classes load bfloat16). ``pretrained`` may be a
-shipped tokred checkpoint name. ``device_map`` defaults to ``device`` so that CPU runs stay on the CPU.
+shipped tokred checkpoint name. ``device=cpu`` also sets ``device_map=cpu`` (the classes' default "auto" would
+place the model on a GPU); otherwise the class places it, one GPU per process under ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 
 import torch
 from lmms_eval.api.model import lmms
+from transformers import AutoConfig
 
 import tokred
-from tokred.eval.lmms_run import BASE
+from tokred.eval.lmms_run import BASE, base_for
 from tokred.zoo.checkpoints import resolve
 
 BASES = tuple(dict.fromkeys(BASE.values()))
@@ -72,15 +74,19 @@ def _patched_class(base: str) -> type:
                 if value not in allowed:
                     raise ValueError(f"{name}={value!r} is not available yet; allowed: {', '.join(allowed)}")
             config = recipe_config(recipe, keep)
-            kwargs.setdefault("device_map", kwargs.get("device") or "cpu")
+            if str(kwargs.get("device", "")).startswith("cpu"):
+                kwargs.setdefault("device_map", "cpu")
             path = str(resolve(pretrained))
+            family = AutoConfig.from_pretrained(path).model_type
+            if base_for(family, path) != base:
+                raise ValueError(f"{pretrained} is a {family!r} checkpoint: use base={BASE[family]}, not base={base}")
             super().__init__(pretrained=path, **kwargs)
             if dtype is not None and self._model.dtype != getattr(torch, dtype):
                 attn = self._model.config._attn_implementation
                 self._model = (
                     type(self._model)
                     .from_pretrained(
-                        path, dtype=getattr(torch, dtype), device_map=kwargs["device_map"], attn_implementation=attn
+                        path, dtype=getattr(torch, dtype), device_map=self._model.device, attn_implementation=attn
                     )
                     .eval()
                 )

@@ -70,17 +70,23 @@ MIN_PIXELS = 28 * 28
 """Qwen bases: media are never upscaled, so lmms-eval's model sees the sizes `tokred eval` does."""
 
 
+def base_for(family: str, path: str | Path) -> str:
+    """The lmms-eval class the plugin wraps for a checkpoint of model_type ``family``; ValueError if none."""
+    if family not in BASE:
+        raise ValueError(f"{path} is a {family!r} checkpoint; the plugin runs model types: {', '.join(sorted(BASE))}")
+    return BASE[family]
+
+
 def model_args(model: str | Path, setting: Setting, device: str) -> str:
     """The plugin's ``--model_args`` for a shipped name or checkpoint directory under one setting."""
     path = resolve(model)
     family = AutoConfig.from_pretrained(path).model_type
-    if family not in BASE:
-        raise ValueError(f"{path} is a {family!r} checkpoint; lmms-eval runs: {', '.join(sorted(BASE))}")
+    base = base_for(family, path)
     recipe = setting.config if isinstance(setting.config, str) else f"{setting.method},keep={setting.keep}"
     extra = ",dtype=float32" if device == "cpu" else ""  # lmms-eval's Qwen classes load bfloat16
     if family.startswith("qwen"):  # its default min_pixels (448^2) would upscale MotionVQA's 224 px frames
         extra += f",min_pixels={MIN_PIXELS}"
-    return f"base={BASE[family]},pretrained={path},recipe={recipe}{extra}"  # simple_evaluate passes device
+    return f"base={base},pretrained={path},recipe={recipe}{extra}"  # simple_evaluate passes device
 
 
 def evaluate(

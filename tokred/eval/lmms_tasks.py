@@ -6,8 +6,8 @@ the directory to pass as lmms-eval's ``--include_path``. A MotionVQA clip goes t
 its lossless PNG frames (a video item whose url is that list; lmms-eval's Qwen classes hand it to
 qwen_vl_utils, which reads frame lists at 2 fps, as `tokred eval` gives clips). Those classes pass one
 min/max_pixels for images and videos to the processor, overriding a checkpoint's own video size limit, so a
-model whose processor shrinks frames (the shipped Qwen checkpoint: 112 px) sees them larger there. Scoring is exact
-match on the stripped answer, as in `tokred eval`.
+model whose processor shrinks frames sees them larger there (tokred's checkpoints take 224 px frames whole).
+Scoring is exact match on the stripped answer, as in `tokred eval`.
 """
 
 from __future__ import annotations
