@@ -20,6 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tokred.zoo import build
 from tokred.zoo.datasets import sample
+from tokred.zoo.datasets.shapes import smallest
 from tokred.zoo.train import Probe, collate_probes, probe_targets, vision_config
 
 SIDE = 16  # 448 px / 28 px tokens
@@ -58,7 +59,7 @@ def main() -> None:
 
     test = [sample("shapes", "test", i) for i in range(64)]
     test_weights, expected, quadrants = targets(test)
-    tiny = torch.cat([torch.tensor([o["size"] < 36 for o in r["objects"]]) for r, _ in test]).to(args.device)
+    tiny = torch.cat([torch.arange(len(r["objects"])) == smallest(r["objects"]) for r, _ in test]).to(args.device)
     start, step = time.monotonic(), 0
     while time.monotonic() - start < 60 * args.minutes:
         records = [sample("shapes", "train", step * args.batch_size + i) for i in range(args.batch_size)]

@@ -127,14 +127,17 @@ def probe_targets(record: dict, grid: tuple[int, int, int], size: int) -> tuple[
         raise ValueError(f"a {h}x{w} token grid does not tile a {size} px square")
     weights, labels = [], []
     for o in record["objects"]:
+        shares: dict[tuple[int, int], torch.Tensor] = {}  # per position: drawn once while the object stays there
         for slot in range(t):
             frame = 2 * slot
             if "track" in o and not o["appear"] <= frame < o["disappear"]:
                 continue
             cx, cy = o["track"][frame] if "track" in o else (o["cx"], o["cy"])
+            if (cx, cy) not in shares:
+                mask = torch.from_numpy(shape_mask(o["shape"], cx, cy, o["size"], size, size))
+                shares[cx, cy] = mask.reshape(h, cell, w, cell).float().mean(dim=(1, 3))
             cover = torch.zeros(t, h, w)
-            mask = torch.from_numpy(shape_mask(o["shape"], cx, cy, o["size"], size, size))
-            cover[slot] = mask.reshape(h, cell, w, cell).float().mean(dim=(1, 3))
+            cover[slot] = shares[cx, cy]
             weights.append(cover.reshape(-1))
             labels.append([list(COLOURS).index(o["colour"]), SHAPES.index(o["shape"])])
     rows, cols = torch.arange(h)[:, None] >= h / 2, torch.arange(w)[None, :] >= w / 2
