@@ -43,11 +43,17 @@ class Tiny:
         video = [noise_image(100 + i) for i in range(frames)]
         return self.processor(videos=[video], text=[self.prompt("video")], return_tensors="pt")
 
+    def samples(self) -> list[tuple[str, Image.Image]]:
+        """Two prompts of different lengths, each with its own image."""
+        return [
+            (self.prompt("image"), noise_image(1)),
+            (self.prompt("image", text="is there a red star in the upper left quadrant?"), noise_image(2, (84, 140))),
+        ]
+
     def batch(self) -> dict:
-        """Two samples of different lengths (left padding) with different images."""
-        texts = [self.prompt("image"), self.prompt("image", text="is there a red star in the upper left quadrant?")]
-        images = [noise_image(1), noise_image(2, (84, 140))]
-        return self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        """The two samples as one batch (left padding)."""
+        texts, images = zip(*self.samples(), strict=True)
+        return self.processor(images=list(images), text=list(texts), return_tensors="pt", padding=True)
 
     def inputs(self, kind: str) -> dict:
         return getattr(self, kind)()

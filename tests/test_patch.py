@@ -10,7 +10,7 @@ import torch
 from conftest import noise_image
 
 import tokred
-from tokred import Config, FastV, Random
+from tokred import Config, FastV, Random, compat
 
 IDLE = {
     "keep=1.0": Config(prune=[Random(keep=1.0), FastV(layer=1, keep=1.0)]),
@@ -213,7 +213,7 @@ def _assert_pruning_equals_masking(model, inputs, preset: str, token_id: int) ->
     mask = inputs["attention_mask"].clone()
     mask[0, dropped] = 0
     reference = model(**{**inputs, "attention_mask": mask}, position_ids=positions, use_cache=True)
-    cache, ids = reference.past_key_values, out.sequences[:, inputs["input_ids"].shape[1] :]
+    cache, ids = compat.output_cache(reference), out.sequences[:, inputs["input_ids"].shape[1] :]
     for step in range(steps):
         assert torch.allclose(out.logits[step], reference.logits[:, -1], atol=1e-4), step
         assert int(reference.logits[0, -1].argmax()) == int(ids[0, step])
@@ -221,11 +221,11 @@ def _assert_pruning_equals_masking(model, inputs, preset: str, token_id: int) ->
         reference = model(
             input_ids=ids[:, step : step + 1],
             attention_mask=mask,
-            past_key_values=cache,
             position_ids=positions[..., -1:] + step + 1,
             use_cache=True,
+            **{compat.cache_argument(model): cache},
         )
-        cache = reference.past_key_values
+        cache = compat.output_cache(reference)
 
 
 def test_calls_do_not_leak_state(tiny):
@@ -274,3 +274,73 @@ def test_stats_give_each_medium_its_token_grid(tiny):
     for grid, n in zip(grids, stats.vision_tokens["input"], strict=True):
         assert grid is None or math.prod(grid) == n
     assert any(grid is not None for grid in grids) or tiny.family == "llava_onevision"
+
+
+@pytest.mark.parametrize("method", [Random(keep=0.25, seed=7), FastV(layer=1, keep=0.25)], ids=["random", "fastv"])
+def test_a_samples_selection_is_the_same_alone_and_batched(tiny, method):
+    """What a sample keeps depends on it alone, not on the other samples (or padding) of its batch."""
+    batch = tiny.batch()
+    with tokred.patched(tiny.model, method):
+        tiny.model(**batch)
+        together = tokred.stats(tiny.model).kept_positions[method.stage]
+        for b, (text, image) in enumerate(tiny.samples()):
+            alone = tiny.processor(images=[image], text=[text], return_tensors="pt")
+            tiny.model(**alone)
+            (kept,) = tokred.stats(tiny.model).kept_positions[method.stage]
+            padding = int((1 - batch["attention_mask"][b]).sum())
+            assert (together[b] - padding).tolist() == kept.tolist(), b
+
+
+def test_random_draws_differ_between_samples_and_seeds(tiny):
+    inputs = tiny.image()
+    kept = {}
+    for seed in (0, 1):
+        with tokred.patched(tiny.model, Random(keep=0.5, seed=seed)):
+            tiny.model(**inputs)
+            kept[seed] = tokred.stats(tiny.model).kept_positions["pre_llm"][0].tolist()
+    assert kept[0] != kept[1]
+
+
+@pytest.mark.parametrize("preset", ["fastv-25", "random-25"])
+def test_generate_without_cache_selects_once_per_prompt(tiny, preset):
+    """use_cache=False recomputes the whole sequence each step; the prompt's selection is kept, so the tokens
+    equal those of use_cache=True."""
+    inputs = tiny.batch()
+    steps = 8
+    with tokred.patched(tiny.model, preset):
+        cached = tiny.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        kept = tokred.stats(tiny.model).kept_positions
+        uncached = tiny.model.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=False
+        )
+        assert tokred.stats(tiny.model).kept_positions.keys() == kept.keys()
+        for stage, positions in kept.items():
+            assert [p.tolist() for p in tokred.stats(tiny.model).kept_positions[stage]] == [
+                p.tolist() for p in positions
+            ], stage
+    assert torch.equal(cached, uncached)
+
+
+def test_labels_are_cut_with_the_tokens(tiny):
+    """Loss with pruning = the stock model's loss with the dropped tokens masked out (pruning equals masking),
+    labels on the prompt's last text tokens."""
+    model, inputs = tiny.model, tiny.image()
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -4:] = inputs["input_ids"][:, -4:]
+    with tokred.patched(model, "random-50"):
+        out = model(**inputs, labels=labels)
+        kept = tokred.stats(model).kept_positions["pre_llm"][0]
+    assert out.logits.shape[1] < labels.shape[1]
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    mask = inputs["attention_mask"].clone()
+    mask[0, image[~torch.isin(image, kept)]] = 0
+    reference = model(**{**inputs, "attention_mask": mask}, position_ids=_stock_positions(model, inputs), labels=labels)
+    assert torch.allclose(out.loss, reference.loss, atol=1e-5)
+    with tokred.patched(model, "fastv-25"):  # inside the LLM too: each kept position predicts its own next token
+        fastv = model(**inputs, labels=labels)
+        vision = tokred.stats(model).kept_positions["llm"][0]
+    text = (inputs["input_ids"][0] != model.config.image_token_id).nonzero()[:, 0]
+    positions = torch.cat([text, vision]).sort().values
+    shifted = torch.nn.functional.pad(labels[0], (0, 1), value=-100)[1:]
+    assert fastv.logits.shape[1] == len(positions)
+    assert torch.allclose(fastv.loss, torch.nn.functional.cross_entropy(fastv.logits[0], shifted[positions]))

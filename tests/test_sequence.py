@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from tokred.methods import FastV, Random, Span, VisionTokens
 from tokred.stages.llm import last_query_attention
 from tokred.stages.select import keep_mask
-from tokred.stages.sequence import Selection, attention_mask_for
+from tokred.compat import attention_mask
+from tokred.stages.sequence import Selection
 
 
 @given(n=st.integers(1, 5000), keep=st.floats(0.001, 1.0))
@@ -84,12 +85,12 @@ def test_take_visual_keeps_deepstack_rows_in_step():
 
 def test_attention_mask_formats():
     valid = torch.tensor([[True, False, True, True]])
-    sdpa = attention_mask_for(valid, 2, "sdpa", torch.float32)
+    sdpa = attention_mask(valid, 2, "sdpa", torch.float32)
     assert sdpa.dtype == torch.bool and sdpa.shape == (1, 1, 2, 4)
     assert sdpa[0, 0].tolist() == [[True, False, True, False], [True, False, True, True]]
-    eager = attention_mask_for(valid, 2, "eager", torch.float32)
+    eager = attention_mask(valid, 2, "eager", torch.float32)
     assert torch.equal(eager == 0, sdpa)
-    assert torch.equal(attention_mask_for(valid, 2, "flash_attention_2", torch.float32), valid)
+    assert torch.equal(attention_mask(valid, 2, "flash_attention_2", torch.float32), valid)
 
 
 @settings(deadline=None, max_examples=20)

@@ -19,6 +19,14 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen3VLAdapter,
 )
 BY_CLASS = {name: adapter for adapter in ADAPTERS for name in adapter.model_classes}
+BY_FAMILY = {adapter.family: adapter for adapter in ADAPTERS}
+
+
+def adapter_class(family: str) -> type[Adapter]:
+    """The adapter class for a checkpoint's `config.model_type`, else a ValueError listing the supported ones."""
+    if family not in BY_FAMILY:
+        raise ValueError(f"tokred does not support model type {family!r}; supported: {', '.join(sorted(BY_FAMILY))}")
+    return BY_FAMILY[family]
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -31,4 +39,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return adapter(model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_class", "adapter_for"]

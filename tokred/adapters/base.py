@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tokred.methods.base import Span
+from tokred import compat
+from tokred.methods.base import Span, sample_key
 from tokred.stages.sequence import Selection
 
 # (token count, token grid) of each image or video of a batch, in order; None: split by contiguous runs.
 Media = list[tuple[int, tuple[int, int, int] | None]] | None
 
-VISION_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+VISION_INPUTS = ("pixel_values", "pixel_values_videos", compat.PRE_ENCODED)
 
 
 class Adapter:
     """Model-family answers. Subclasses set `family` and `model_classes` and override what differs."""
 
-    family: ClassVar[str]
+    family: ClassVar[str]  # the checkpoints' config.model_type
     model_classes: ClassVar[tuple[str, ...]]
+    takes_video: ClassVar[bool] = True  # whether the family's processor and model accept videos
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -55,10 +58,10 @@ class Adapter:
         """Token count and grid of each image or video in the batch, where they can be known.
 
         Counts come from the encoded features when generate() encoded the media ahead of the prefill
-        (transformers >= 5.2x passes `mm_encoder_outputs` and drops the raw inputs), else from the family.
+        (newer transformers then drop the raw inputs), else from the family.
         """
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get(kind)
-        counts = [len(x) for x in encoded.pooler_output] if encoded is not None else self.token_counts(kind, inputs)
+        encoded = compat.encoded_media(inputs, kind)
+        counts = [len(x) for x in encoded] if encoded is not None else self.token_counts(kind, inputs)
         if counts is None:
             return None
         return list(zip(counts, self.grids(kind, inputs, counts), strict=True))
@@ -92,8 +95,12 @@ class Adapter:
             for b in range(input_ids.shape[0]):
                 positions = (input_ids[b] == token_id).nonzero()[:, 0]
                 spans[b] += self._split(kind, positions, queue if media is not None else None)
-        for sample in spans:
+        mask = inputs.get("attention_mask")
+        for b, sample in enumerate(spans):
             sample.sort(key=lambda s: int(s.positions[0]))
+            ids = input_ids[b] if mask is None else input_ids[b][mask[b].bool()]
+            key = sample_key(ids)
+            sample[:] = [replace(s, key=sample_key(torch.tensor([key, j]))) for j, s in enumerate(sample)]
         return spans if any(spans) else None
 
     @staticmethod

@@ -6,11 +6,10 @@ forward's inputs, so the adapter also records the grids each `get_*_features` ca
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
+from tokred import compat
 from tokred.adapters.base import Adapter
 
 Grid = tuple[int, int, int]
@@ -39,19 +38,11 @@ class QwenVLAdapter(Adapter):
         return grids
 
     def install(self) -> list[Callable[[], None]]:
-        outer, undo = self.outer, []
-        for kind in ("image", "video"):
-            name = f"get_{kind}_features"
-            stock = getattr(outer, name)
-            signature = inspect.signature(stock)
+        def recorder(kind: str) -> Callable[[dict[str, Any]], None]:
+            def record(arguments: dict[str, Any]) -> None:
+                if arguments.get(f"{kind}_grid_thw") is not None:
+                    self.encoded_grids[kind] = self._merged(arguments[f"{kind}_grid_thw"])
 
-            @functools.wraps(stock)  # generate() reads the signature to pick the arguments it passes
-            def recording(*args, _kind=kind, _stock=stock, _signature=signature, **kwargs):
-                grid_thw = _signature.bind_partial(*args, **kwargs).arguments.get(f"{_kind}_grid_thw")
-                if grid_thw is not None:
-                    self.encoded_grids[_kind] = self._merged(grid_thw)
-                return _stock(*args, **kwargs)
+            return record
 
-            setattr(outer, name, recording)
-            undo.append(lambda name=name: delattr(outer, name))
-        return undo
+        return [compat.wrap_media_features(self.outer, kind, recorder(kind)) for kind in ("image", "video")]

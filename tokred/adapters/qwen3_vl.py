@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from tokred import compat
 from tokred.adapters.qwen import QwenVLAdapter
 from tokred.stages.sequence import Selection
 
@@ -26,14 +27,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
             kwargs["deepstack_visual_embeds"] = cut
 
     def llm_stage_hooks(self, current: Callable[[], Selection | None]) -> list[Callable[[], None]]:
-        lm = self.language_model
-        stock = lm._deepstack_process
-
-        def deepstack(hidden_states, visual_pos_masks, visual_embeds):
+        def deepstack(stock, hidden_states, visual_pos_masks, visual_embeds):
             selection = current()
             if selection is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
                 visual_pos_masks, (visual_embeds,) = selection.take_visual(visual_pos_masks, [visual_embeds])
             return stock(hidden_states, visual_pos_masks, visual_embeds)
 
-        lm._deepstack_process = deepstack
-        return [lambda: delattr(lm, "_deepstack_process")]
+        return [compat.wrap_deepstack(self.language_model, deepstack)]

@@ -16,6 +16,7 @@ import torch
 from transformers import LogitsProcessorList, TextIteratorStreamer
 
 import tokred
+from tokred import compat
 from tokred.demo.media import medium
 from tokred.eval.runner import Clock, kv_bytes
 from tokred.zoo.datasets import Media
@@ -114,7 +115,7 @@ def stream(
         Run(
             ttft_ms=1e3 * (ticks[0] - result["start"]),
             decode_tokens_per_s=(len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 else None,
-            kv_bytes=kv_bytes(out.past_key_values),
+            kv_bytes=kv_bytes(compat.output_cache(out)),
             peak_memory_mib=torch.cuda.max_memory_allocated(model.device) / 2**20 if cuda else None,
             stage=stage,
             input_positions=stats.kept_positions["input"][0],

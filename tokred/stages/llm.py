@@ -8,19 +8,16 @@ K get their hidden states, mask and rotary embeddings cut by a forward pre-hook.
 
 from __future__ import annotations
 
-import copy
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.methods.base import Method, Span
 from tokred.stages.select import keep_mask
-from tokred.stages.sequence import Selection, attention_mask_for
+from tokred.stages.sequence import Selection
 
 CAPTURE = "tokred_capture"
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -32,12 +29,14 @@ def _capture(module, query, key, value, attention_mask, **kwargs):
     stage.observe(query, key, kwargs.get("scaling"))
     patched_config, module.config = module.config, stage.stock_config
     try:
-        return stage.kernel(module)(module, query, key, value, attention_mask, **kwargs)
+        return compat.attention_kernel(module, stage.implementation)(
+            module, query, key, value, attention_mask, **kwargs
+        )
     finally:
         module.config = patched_config
 
 
-AttentionInterface.register(CAPTURE, _capture)
+compat.register_attention(CAPTURE, _capture)
 
 
 def last_query_attention(
@@ -61,7 +60,7 @@ class LLMStage:
     def __init__(self, method: Method, adapter: Adapter) -> None:
         self.method, self.adapter = method, adapter
         self.layer = method.layer
-        self.implementation = adapter.text_config._attn_implementation
+        self.implementation = compat.attention_implementation(adapter.text_config)
         self.stock_config = adapter.layers[self.layer].self_attn.config
         self.armed = False
         self.selection: Selection | None = None
@@ -69,19 +68,13 @@ class LLMStage:
     # -- installation -------------------------------------------------------------------------------
     def install(self) -> list[Callable[[], None]]:
         attn = self.adapter.layers[self.layer].self_attn
-        capture_config = copy.copy(self.stock_config)
-        capture_config._attn_implementation_internal = CAPTURE
+        capture_config = compat.with_attention_function(self.stock_config, CAPTURE)
         attn.config, attn._tokred_stage = capture_config, self
         undo = [lambda: setattr(attn, "config", self.stock_config), lambda: delattr(attn, "_tokred_stage")]
         for layer in self.adapter.layers[self.layer + 1 :]:
             undo.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True).remove)
         undo += self.adapter.llm_stage_hooks(lambda: self.selection if self.armed else None)
         return undo
-
-    def kernel(self, module) -> Callable:
-        if self.implementation == "eager":
-            return sys.modules[type(module).__module__].eager_attention_forward
-        return ALL_ATTENTION_FUNCTIONS[self.implementation]
 
     # -- per call -----------------------------------------------------------------------------------
     def arm(
@@ -90,10 +83,12 @@ class LLMStage:
         text_mask: torch.Tensor | None,
         seq_len: int,
         on_cut: Callable[[Selection | None], None],
+        given: Selection | None = None,
     ) -> None:
-        """A prefill with vision: remember the spans and mask as the LLM sees them; choose at layer K."""
+        """A prefill with vision: remember the spans and mask as the LLM sees them; choose at layer K
+        (or cut there what `given` keeps)."""
         self.armed, self.spans, self.text_mask, self.seq_len = True, spans, text_mask, seq_len
-        self.on_cut = on_cut
+        self.on_cut, self.given = on_cut, given
         self.scores = None
         self.selection = None
         self.pending = True
@@ -108,7 +103,7 @@ class LLMStage:
         self.pending = True
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
-        if not self.armed or self.selection is not None or query.shape[2] != self.seq_len:
+        if not self.armed or self.given is not None or self.selection is not None or query.shape[2] != self.seq_len:
             return
         batch = query.shape[0]
         if self.text_mask is None:
@@ -142,14 +137,17 @@ class LLMStage:
 
     def _cut(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Prefill: choose the tokens from layer K's scores; the cut mask and rotary embeddings for the rest."""
-        keep = keep_mask(self.method, self.spans, hidden, scores=self.scores)
-        self.selection = selection = Selection.from_keep(keep, self.text_mask)
+        if self.given is None:
+            keep = keep_mask(self.method, self.spans, hidden, scores=self.scores)
+            self.selection = selection = Selection.from_keep(keep, self.text_mask)
+        else:
+            self.selection = selection = self.given
         self.on_cut(selection)
         if selection is None:
             return {}
         mask = None
         if kwargs.get("attention_mask") is not None or selection.has_filler:
-            mask = attention_mask_for(selection.key_valid, selection.new_len, self.implementation, hidden.dtype)
+            mask = compat.attention_mask(selection.key_valid, selection.new_len, self.implementation, hidden.dtype)
         cos, sin = kwargs["position_embeddings"]
         return {
             "attention_mask": mask,
@@ -163,4 +161,4 @@ class LLMStage:
         key_valid = selection.padding_mask(self.text_mask, self.added).bool()
         if kwargs.get("attention_mask") is None and not selection.has_filler and bool(key_valid.all()):
             return {}
-        return {"attention_mask": attention_mask_for(key_valid, cos.shape[1], self.implementation, cos.dtype)}
+        return {"attention_mask": compat.attention_mask(key_valid, cos.shape[1], self.implementation, cos.dtype)}

@@ -22,12 +22,14 @@ class PreLLMStage:
         self.method, self.adapter = method, adapter
         self.selection: Selection | None = None
 
-    def prefill(self, kwargs: dict[str, Any], spans: list[list[Span]]) -> Selection | None:
-        """Choose and cut; return the selection (None when every token stays) for the caller's bookkeeping."""
+    def prefill(
+        self, kwargs: dict[str, Any], spans: list[list[Span]], given: Selection | None = None
+    ) -> Selection | None:
+        """Choose (or take the `given` selection) and cut; return the selection, None when every token stays."""
         embeds = kwargs["inputs_embeds"]
-        generator = torch.Generator().manual_seed(getattr(self.method, "seed", 0))
-        keep = keep_mask(self.method, spans, embeds, generator=generator)
-        selection = Selection.from_keep(keep, kwargs.get("attention_mask"))
+        if given is None:
+            given = Selection.from_keep(keep_mask(self.method, spans, embeds), kwargs.get("attention_mask"))
+        selection = given
         if selection is None:
             return None
         position_ids = kwargs.get("position_ids")

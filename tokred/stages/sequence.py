@@ -7,7 +7,7 @@ rectangular tensor carries the batch and no sample attends to anything it droppe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,6 +39,20 @@ class Selection:
         index = take.nonzero()[:, 1].view(keep.shape[0], width)
         kept = keep.gather(1, index)
         return cls(index, kept, bool((counts < width).any()), keep.shape[1])
+
+    def extend(self, added: int) -> Selection:
+        """The same cut of a sequence that grew by `added` tokens at its end, all of them kept."""
+        if added == 0:
+            return self
+        batch, device = self.index.shape[0], self.index.device
+        tail = torch.arange(self.old_len, self.old_len + added, device=device).expand(batch, added)
+        valid = torch.ones(batch, added, dtype=torch.bool, device=device)
+        return Selection(
+            torch.cat([self.index, tail], 1),
+            torch.cat([self.key_valid, valid], 1),
+            self.has_filler,
+            self.old_len + added,
+        )
 
     @property
     def new_len(self) -> int:
@@ -93,23 +107,5 @@ class Selection:
         out = []
         for b, sample in enumerate(spans):
             moved = [new_at[b, span.positions] for span in sample]
-            out.append([Span(s.kind, m[m >= 0], s.grid) for s, m in zip(sample, moved, strict=True)])
+            out.append([replace(s, positions=m[m >= 0]) for s, m in zip(sample, moved, strict=True)])
         return out
-
-
-def attention_mask_for(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """A causal mask over the last `q_len` queries in the format `implementation` expects.
-
-    sdpa (and other kernels reading transformers' sdpa format) take a bool (B, 1, q, kv) mask, eager an
-    additive float one, flash attention the 2D key mask. Every query may at least see itself, so a padded
-    row never softmaxes over nothing.
-    """
-    if implementation.startswith("flash"):
-        return key_valid
-    kv = key_valid.shape[1]
-    query_at = torch.arange(kv - q_len, kv, device=key_valid.device)[:, None]
-    keys = torch.arange(kv, device=key_valid.device)[None, :]
-    mask = (key_valid[:, None, None, :] & (keys <= query_at)) | (keys == query_at)
-    if implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.config import Config
 from tokred.methods.base import Method
@@ -15,6 +17,9 @@ from tokred.stages.llm import SUPPORTED_ATTENTION, LLMStage
 from tokred.stages.pre_llm import PreLLMStage
 from tokred.stages.sequence import Selection
 from tokred.stats import Stats
+
+IGNORE = -100
+"""transformers' label for positions that carry no loss."""
 
 
 class Session:
@@ -27,8 +32,15 @@ class Session:
         active = {stage: m for stage, m in config.methods.items() if not m.idle}
         self.pre = PreLLMStage(active["pre_llm"], adapter) if "pre_llm" in active else None
         self.llm = LLMStage(active["llm"], adapter) if "llm" in active else None
+        self.cache_name = compat.cache_argument(adapter.language_model)
         self.spans = None
         self.stats = Stats()
+        # Within one generate() call: the prompt's selections, so calls without a cache (use_cache=False)
+        # reuse them instead of choosing again for every new token.
+        self.generating = False
+        self.prompt: dict[str, Any] | None = None
+        # The last prefill's map from the logits' positions back to input_ids (None: nothing was cut).
+        self.kept: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._undo: list[Callable[[], None]] = []
 
     def install(self) -> None:
@@ -39,6 +51,8 @@ class Session:
         )
         if self.llm is not None:
             self._undo += self.llm.install()
+        self._undo.append(compat.wrap_loss(self.adapter.model, self._loss))
+        self._undo.append(self._wrap_generate())
 
     def uninstall(self) -> None:
         while self._undo:
@@ -51,39 +65,58 @@ class Session:
                 f"{type(method).__name__}.layer={method.layer} is out of range for this model's "
                 f"{layers} LLM layers; allowed: 0 to {layers - 2} (tokens are dropped after layer K)"
             )
-        implementation = self.adapter.text_config._attn_implementation
+        implementation = compat.attention_implementation(self.adapter.text_config)
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"the llm stage supports attn_implementation {', '.join(SUPPORTED_ATTENTION)}; "
                 f"this model uses {implementation!r}"
             )
 
+    def _wrap_generate(self) -> Callable[[], None]:
+        """Mark the span of each generate() call: its prompt is selected once, whether or not it uses a cache."""
+        model = self.adapter.model
+        stock = model.generate
+
+        @functools.wraps(stock)
+        def generate(*args, **kwargs):
+            outer, self.generating, self.prompt = self.generating, True, None
+            try:
+                return stock(*args, **kwargs)
+            finally:
+                self.generating, self.prompt = outer, None
+
+        model.generate = generate
+        return lambda: delattr(model, "generate")
+
     # -- hooks --------------------------------------------------------------------------------------
     def _before_outer(self, module, args: tuple, kwargs: dict[str, Any]) -> None:
-        inputs = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments if args else kwargs
+        inputs = compat.forward_arguments(module, args, kwargs)
         self.spans = self.adapter.spans(inputs)
         self.derive_positions = inputs.get("position_ids") is None and inputs.get("attention_mask") is None
 
     def _before_llm(self, module, args: tuple, kwargs: dict[str, Any]):
-        cache = kwargs.get("past_key_values")
+        cache = compat.passed_cache(kwargs, self.cache_name)
         seen = cache.get_seq_length() if cache is not None else 0
         spans, self.spans = self.spans, None
         if seen == 0:
-            self._prefill(kwargs, spans)
+            self._prefill(kwargs, spans, extends=cache is None and self.prompt is not None)
         else:
             if spans:
                 raise NotImplementedError(
                     "tokred cannot yet add images or videos to a cache that already holds a prompt; "
-                    "call generate() on the whole conversation without past_key_values"
+                    "call generate() on the whole conversation without a cache"
                 )
             self._decode(kwargs, seen)
         return args, kwargs
 
-    def _prefill(self, kwargs: dict[str, Any], spans) -> None:
+    def _prefill(self, kwargs: dict[str, Any], spans, extends: bool) -> None:
+        """A call that starts from an empty cache; `extends`: it is the prompt of this generate() call plus
+        the tokens generated so far, recomputed without a cache, so the prompt's selections are reused."""
         mask = kwargs.get("attention_mask")
         embeds = kwargs["inputs_embeds"]
         real = mask.sum(1).tolist() if mask is not None else [embeds.shape[1]] * embeds.shape[0]
         self.stats = Stats(seq_len={0: [int(n) for n in real]})
+        self.kept = None
         if spans:
             self.stats.record("input", _positions(spans))
             self.stats.media = [[(s.kind, s.grid) for s in sample] for sample in spans]
@@ -93,13 +126,18 @@ class Session:
             self.llm.disarm()
         if not spans:
             return
+        given = self._reused(embeds.shape[1]) if extends else {}
+        if self.generating and not extends:
+            self.prompt = {"length": embeds.shape[1]}
         to_input = None
         if self.pre is not None:
-            selection = self.pre.prefill(kwargs, spans)
+            selection = self.pre.prefill(kwargs, spans, given.get("pre_llm"))
+            self._remember("pre_llm", selection)
             if selection is not None:
                 spans = selection.remap(spans)
                 to_input = selection.index
                 self.stats.seq_len[0] = selection.key_valid.sum(1).tolist()
+                self.kept = (selection.index, selection.key_valid, selection.old_len)
             self.stats.record("pre_llm", _positions(spans, to_input))
         if self.llm is not None:
             self.llm.arm(
@@ -107,14 +145,28 @@ class Session:
                 kwargs.get("attention_mask"),
                 kwargs["inputs_embeds"].shape[1],
                 on_cut=lambda selection: self._record_llm(selection, spans, to_input),
+                given=given.get("llm"),
             )
 
+    def _remember(self, stage: str, selection: Selection | None) -> None:
+        """Keep the prompt's selection of `stage` for the rest of this generate() call."""
+        if self.prompt is not None and stage not in self.prompt:
+            self.prompt[stage] = selection
+
+    def _reused(self, length: int) -> dict[str, Selection | None]:
+        """The prompt's selections, extended by the tokens that followed it."""
+        added = length - self.prompt["length"]
+        return {stage: s if s is None else s.extend(added) for stage, s in self.prompt.items() if stage != "length"}
+
     def _record_llm(self, selection: Selection | None, spans, to_input) -> None:
+        self._remember("llm", selection)
         if selection is None:
             self.stats.record("llm", _positions(spans, to_input))
             return
         self.stats.seq_len[self.llm.layer + 1] = selection.key_valid.sum(1).tolist()
         self.stats.record("llm", _positions(selection.remap(spans), to_input, selection.index))
+        index = selection.index if to_input is None else to_input.gather(1, selection.index)
+        self.kept = (index, selection.key_valid, self.kept[2] if self.kept else selection.old_len)
 
     def _decode(self, kwargs: dict[str, Any], seen: int) -> None:
         if self.pre is not None and self.pre.selection is not None:
@@ -122,6 +174,20 @@ class Session:
         if self.llm is not None and self.llm.armed:
             q_len = kwargs["inputs_embeds"].shape[1]
             self.llm.step(kwargs.get("attention_mask"), seen + q_len - self.llm.seq_len)
+
+    def _loss(self, stock: Callable[..., torch.Tensor], *, logits: torch.Tensor, labels: torch.Tensor, **kwargs):
+        """The model's loss with `labels` cut like the tokens: each kept position keeps its own next-token label."""
+        if self.kept is None or labels.shape[-1] == logits.shape[1]:
+            return stock(logits=logits, labels=labels, **kwargs)
+        index, valid, length = self.kept
+        if labels.shape[-1] != length or kwargs.get("shift_labels") is not None:
+            raise ValueError(
+                f"labels cover {labels.shape[-1]} positions but the inputs had {length}; pass labels aligned with "
+                "input_ids (tokred cuts them with the vision tokens), not shift_labels"
+            )
+        shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+        shifted = shifted.gather(1, index.to(labels.device)).masked_fill(~valid.to(labels.device), IGNORE)
+        return stock(logits=logits, labels=shifted, shift_labels=shifted, **kwargs)
 
 
 def _positions(spans, *maps: torch.Tensor | None) -> list[torch.Tensor]:

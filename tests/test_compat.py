@@ -1,0 +1,183 @@
+"""Each transformers seam tokred reaches through (tokred.compat.SEAMS), checked on every family's real model.
+
+A release that moves a seam fails here with the seam's name in the message, before the behaviour tests
+fail somewhere downstream.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Cache, DynamicCache
+
+import tokred
+from tokred import compat
+from tokred.adapters import adapter_for
+
+
+def record_calls(module, calls: list):
+    """A forward pre-hook that keeps each call's keyword arguments."""
+    return module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True)
+
+
+def test_every_seam_is_tested():
+    tested = {name.removeprefix("test_").replace("_", " ") for name in globals() if name.startswith("test_")}
+    assert set(compat.SEAMS) <= tested, f"seams without a test: {set(compat.SEAMS) - tested}"
+
+
+def test_cache_argument(tiny):
+    adapter = adapter_for(tiny.model)
+    name = compat.cache_argument(adapter.language_model)
+    modules = [tiny.model, adapter.outer, adapter.layers[0], adapter.layers[0].self_attn]
+    assert [compat.cache_argument(m) for m in modules] == [name] * 4, "seam 'cache argument': names differ"
+    calls: list = []
+    hook = record_calls(adapter.language_model, calls)
+    try:
+        tiny.model.generate(**tiny.image(), max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    finally:
+        hook.remove()
+    caches = [compat.passed_cache(kwargs, name) for kwargs in calls]
+    assert all(isinstance(c, Cache) for c in caches), f"seam 'cache argument': generate passed no {name!r}"
+    assert caches[0] is caches[1], "seam 'cache argument': decode steps got another cache than the prefill"
+
+
+def test_cache_argument_refuses_a_cache_it_cannot_name(tiny):
+    with pytest.raises(compat.SeamError, match="'cache argument'.*arrived as 'kv_store'"):
+        compat.passed_cache({"kv_store": DynamicCache()}, "cache")
+    with tokred.patched(tiny.model, "random-50"):  # the hook says so too, instead of taking it for a prefill
+        lm = adapter_for(tiny.model).language_model
+        with pytest.raises(compat.SeamError, match="cache argument"):
+            lm(inputs_embeds=torch.zeros(1, 3, lm.config.hidden_size), kv_store=DynamicCache())
+
+
+def test_output_cache(tiny):
+    out = tiny.model.generate(**tiny.image(), max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(compat.output_cache(out), Cache), "seam 'output cache': generate() returned none"
+    assert isinstance(compat.output_cache(tiny.model(**tiny.image(), use_cache=True)), Cache)
+    assert compat.output_cache(tiny.model(**tiny.image(), use_cache=False)) is None
+    with pytest.raises(compat.SeamError, match="output cache"):
+        compat.output_cache(object())
+
+
+def test_forward_arguments(tiny):
+    inputs = tiny.image()
+    outer = adapter_for(tiny.model).outer
+    bound = compat.forward_arguments(outer, (inputs["input_ids"],), {"attention_mask": inputs["attention_mask"]})
+    assert bound["input_ids"] is inputs["input_ids"] and bound["attention_mask"] is inputs["attention_mask"]
+
+
+def test_attention_implementation(tiny):
+    config = adapter_for(tiny.model).text_config
+    assert compat.attention_implementation(config) == "sdpa"
+    patched = compat.with_attention_function(config, "tokred_capture")
+    assert patched._attn_implementation == "tokred_capture" and config._attn_implementation == "sdpa"
+
+
+def test_attention_registry(tiny):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attention = adapter_for(tiny.model).layers[0].self_attn
+    assert compat.attention_kernel(attention, "sdpa") is sdpa_attention_forward
+    assert compat.attention_kernel(attention, "tokred_capture").__module__ == "tokred.stages.llm"
+    with pytest.raises(compat.SeamError, match="attention registry"):
+        compat.attention_kernel(attention, "no_such_kernel")
+
+
+def test_eager_attention(tiny):
+    attention = adapter_for(tiny.model).layers[0].self_attn
+    kernel = compat.attention_kernel(attention, "eager")
+    assert kernel.__name__ == "eager_attention_forward" and kernel.__module__ == type(attention).__module__
+
+
+def test_media_features(tiny):
+    adapter = adapter_for(tiny.model)
+    if not tiny.family.startswith("qwen"):
+        pytest.skip("only the Qwen adapters record get_*_features grids")
+    seen: list = []
+    undo = compat.wrap_media_features(adapter.outer, "image", lambda arguments: seen.append(arguments))
+    try:
+        inputs = tiny.image()
+        tiny.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        undo()
+    assert len(seen) == 1 and torch.equal(seen[0]["image_grid_thw"], inputs["image_grid_thw"]), "seam 'media features'"
+    assert "get_image_features" not in vars(adapter.outer)
+
+
+def test_pre_encoded_media(tiny):
+    """generate() hands the outer model either the raw pixels or media it encoded ahead; tokred reads both."""
+    adapter = adapter_for(tiny.model)
+    calls: list = []
+    hook = record_calls(adapter.outer, calls)
+    inputs = tiny.image()
+    try:
+        tiny.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        hook.remove()
+    prefill = calls[0]
+    encoded = compat.encoded_media(prefill, "image")
+    tokens = int((inputs["input_ids"] == tiny.model.config.image_token_id).sum())
+    if encoded is None:
+        assert prefill.get("pixel_values") is not None, "seam 'pre encoded media': neither pixels nor encoded media"
+    else:
+        assert sum(len(x) for x in encoded) == tokens, "seam 'pre encoded media': feature rows != image tokens"
+
+
+def test_deepstack(tiny):
+    if tiny.family != "qwen3_vl":
+        pytest.skip("deepstack is Qwen3-VL's")
+    lm = adapter_for(tiny.model).language_model
+    seen: list = []
+
+    def wrapper(stock, hidden_states, visual_pos_masks, visual_embeds):
+        seen.append((hidden_states.shape, visual_pos_masks.shape, visual_embeds.shape))
+        return stock(hidden_states, visual_pos_masks, visual_embeds)
+
+    undo = compat.wrap_deepstack(lm, wrapper)
+    try:
+        tiny.model(**tiny.image())
+    finally:
+        undo()
+    assert seen and all(h[:2] == m for h, m, _ in seen), "seam 'deepstack': not called per layer with the masks"
+    assert "_deepstack_process" not in vars(lm)
+
+
+def test_loss_function(tiny):
+    inputs = tiny.image()
+    labels = inputs["input_ids"].clone()
+    stock = tiny.model(**inputs, labels=labels).loss
+    seen: list = []
+
+    def wrapper(function, **kwargs):
+        seen.append(sorted(kwargs))
+        return function(**kwargs)
+
+    undo = compat.wrap_loss(tiny.model, wrapper)
+    try:
+        wrapped = tiny.model(**inputs, labels=labels).loss
+    finally:
+        undo()
+    assert seen and {"logits", "labels", "vocab_size"} <= set(seen[0]), "seam 'loss function'"
+    assert torch.equal(wrapped, stock) and "_loss_function" not in vars(tiny.model)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_mask_format(tiny, implementation):
+    """tokred's mask for an uncut padded batch is what the model itself gives its layers (on real query rows)."""
+    model = tiny.load(attn_implementation=implementation)
+    adapter = adapter_for(model)
+    inputs = tiny.batch()
+    calls: list = []
+    hook = record_calls(adapter.layers[0], calls)
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    stock = calls[0]["attention_mask"]
+    if isinstance(stock, dict):  # some layers get one mask per attention type
+        stock = stock["full_attention"]
+    valid = inputs["attention_mask"].bool()
+    ours = compat.attention_mask(valid, valid.shape[1], implementation, torch.float32)
+    assert stock.shape == ours.shape and stock.dtype == ours.dtype, "seam 'mask format': shape or dtype"
+    rows = valid[:, None, :, None].expand_as(ours)
+    assert torch.equal(stock[rows], ours[rows]), "seam 'mask format': values on real rows"

@@ -1,0 +1,232 @@
+"""Every place tokred reaches into transformers internals, one function per seam.
+
+tokred hooks the models rather than forking them, so it depends on names and call shapes that transformers
+does not promise to keep. Each seam is named here (SEAMS); when a release moves one, the function for it
+raises `SeamError` naming the seam instead of letting a hook read None and carry on. `tests/test_compat.py`
+checks every seam on every family's tiny checkpoint, so a new release fails there first, by name.
+
+Tested: transformers 5.17 to 5.24 (pyproject caps the range). Announced removals handled here:
+- 5.24 renamed the cache argument ``past_key_values`` to ``cache`` in every forward and in generate's model
+  kwargs (old keyword accepted by a decorator until 5.40; ``generate(past_key_values=)`` until 6.0) and the
+  output field likewise: `cache_argument` reads the name from the forward's signature, `output_cache` the field.
+- 5.24 deprecated ``image_hidden_states``/``video_hidden_states`` on LLaVA outputs (a list per layer from 5.30):
+  tokred does not read them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+SEAMS = (
+    "cache argument",
+    "output cache",
+    "forward arguments",
+    "attention implementation",
+    "attention registry",
+    "eager attention",
+    "media features",
+    "pre encoded media",
+    "deepstack",
+    "loss function",
+    "mask format",
+)
+"""The seams, as named in SeamError messages and in tests/test_compat.py."""
+
+CACHE_NAMES = ("cache", "past_key_values")
+"""The cache argument of model, layer and attention forwards: newest name first (``cache`` since 5.24)."""
+
+
+class SeamError(RuntimeError):
+    """transformers no longer has what tokred reaches for at one of its seams."""
+
+    def __init__(self, seam: str, detail: str) -> None:
+        import transformers
+
+        super().__init__(
+            f"transformers {transformers.__version__} moved tokred's seam {seam!r}: {detail}. "
+            "tokred is tested with the range pyproject.toml declares; see tokred/compat.py"
+        )
+        self.seam = seam
+
+
+# -- the cache ----------------------------------------------------------------------------------------
+def cache_argument(module: nn.Module) -> str:
+    """The keyword under which `module.forward` receives the KV cache."""
+    parameters = inspect.signature(module.forward).parameters
+    name = next((n for n in CACHE_NAMES if n in parameters), None)
+    if name is None:
+        raise SeamError("cache argument", f"{type(module).__name__}.forward takes none of {', '.join(CACHE_NAMES)}")
+    return name
+
+
+def passed_cache(kwargs: dict[str, Any], name: str) -> Cache | None:
+    """The cache a forward pre-hook was given: under `name`, or a deprecated alias the forward still accepts.
+
+    A cache under any other keyword means transformers renamed the argument again: tokred would take every
+    decode step for a new prefill, so that is an error, not a silent None.
+    """
+    stray = [key for key, value in kwargs.items() if key not in CACHE_NAMES and isinstance(value, Cache)]
+    if stray:
+        raise SeamError("cache argument", f"the cache arrived as {stray[0]!r}; tokred reads {', '.join(CACHE_NAMES)}")
+    cache = next((kwargs[n] for n in (name, *CACHE_NAMES) if kwargs.get(n) is not None), None)
+    if cache is not None and not isinstance(cache, Cache):
+        raise SeamError(
+            "cache argument", f"the cache argument holds a {type(cache).__name__}, not a transformers Cache"
+        )
+    return cache
+
+
+def output_cache(output: Any) -> Cache | None:
+    """The cache a forward or generate() returned (field ``cache`` since 5.24, ``past_key_values`` before)."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    name = next((n for n in CACHE_NAMES if n in fields), None)
+    if name is None:
+        raise SeamError("output cache", f"{type(output).__name__} has no field {' or '.join(CACHE_NAMES)}")
+    return output.get(name)
+
+
+# -- calls ----------------------------------------------------------------------------------------------
+def forward_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A forward pre-hook's positional and keyword arguments by parameter name (generate passes keywords)."""
+    if not args:
+        return kwargs
+    try:
+        return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError as error:
+        raise SeamError("forward arguments", f"{type(module).__name__}.forward: {error}") from error
+
+
+# -- attention ------------------------------------------------------------------------------------------
+def attention_implementation(config: Any) -> str:
+    """The attention kernel a (text) config selects: "sdpa", "eager", "flash_attention_2", ..."""
+    implementation = getattr(config, "_attn_implementation", None)
+    if not isinstance(implementation, str):
+        raise SeamError(
+            "attention implementation", f"{type(config).__name__}._attn_implementation is {implementation!r}"
+        )
+    return implementation
+
+
+def with_attention_function(config: Any, name: str) -> Any:
+    """A shallow copy of `config` whose layers call the registered attention function `name`."""
+    if not hasattr(config, "_attn_implementation_internal"):
+        raise SeamError("attention implementation", f"{type(config).__name__} has no _attn_implementation_internal")
+    patched = copy.copy(config)
+    patched._attn_implementation_internal = name
+    return patched
+
+
+def register_attention(name: str, function: Callable) -> None:
+    """Make `function` selectable as attention implementation `name` (transformers' AttentionInterface)."""
+    AttentionInterface.register(name, function)
+
+
+def attention_kernel(module: nn.Module, implementation: str) -> Callable:
+    """The function an attention module of this model calls for `implementation` (eager: its module's own)."""
+    if implementation == "eager":
+        kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if kernel is None:
+            raise SeamError("eager attention", f"{type(module).__module__} defines no eager_attention_forward")
+        return kernel
+    if implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise SeamError("attention registry", f"no attention function registered as {implementation!r}")
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def attention_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A causal mask over the last `q_len` queries in the format the layers get for `implementation`.
+
+    sdpa (and the kernels that read its format) take a bool (B, 1, q, kv) mask, eager an additive float one,
+    flash attention the 2D key mask. Every query may at least see itself, so a padded row never softmaxes
+    over nothing.
+    """
+    if implementation.startswith("flash"):
+        return key_valid
+    kv = key_valid.shape[1]
+    query_at = torch.arange(kv - q_len, kv, device=key_valid.device)[:, None]
+    keys = torch.arange(kv, device=key_valid.device)[None, :]
+    mask = (key_valid[:, None, None, :] & (keys <= query_at)) | (keys == query_at)
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+# -- media ----------------------------------------------------------------------------------------------
+PRE_ENCODED = "mm_encoder_outputs"
+"""generate()'s keyword for media it encoded ahead of the prefill (the raw pixel inputs are then dropped)."""
+
+
+def encoded_media(inputs: dict[str, Any], kind: str) -> list[torch.Tensor] | None:
+    """Per image or video, its LLM-ready features, when generate() encoded `kind` ahead of the prefill."""
+    encoded = (inputs.get(PRE_ENCODED) or {}).get(kind)
+    if encoded is None:
+        return None
+    features = getattr(encoded, "pooler_output", None)
+    if features is None:
+        raise SeamError("pre encoded media", f"{PRE_ENCODED}[{kind!r}] ({type(encoded).__name__}) has no pooler_output")
+    return list(features)
+
+
+def wrap_media_features(outer: nn.Module, kind: str, observe: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+    """Call `observe(arguments)` on every `outer.get_<kind>_features(...)` call; return the undo."""
+    name = f"get_{kind}_features"
+    stock = getattr(outer, name, None)
+    if stock is None:
+        raise SeamError("media features", f"{type(outer).__name__} has no {name}")
+    signature = inspect.signature(stock)
+    if f"{kind}_grid_thw" not in signature.parameters:
+        raise SeamError("media features", f"{type(outer).__name__}.{name} takes no {kind}_grid_thw")
+
+    @functools.wraps(stock)  # generate() reads the signature to pick the arguments it passes
+    def observed(*args, **kwargs):
+        observe(signature.bind_partial(*args, **kwargs).arguments)
+        return stock(*args, **kwargs)
+
+    setattr(outer, name, observed)
+    return lambda: delattr(outer, name)
+
+
+DEEPSTACK_PARAMETERS = ("hidden_states", "visual_pos_masks", "visual_embeds")
+
+
+def wrap_deepstack(language_model: nn.Module, wrapper: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """Route Qwen3-VL's `_deepstack_process(hidden_states, visual_pos_masks, visual_embeds)` through
+    `wrapper(stock, hidden_states, visual_pos_masks, visual_embeds)`; return the undo."""
+    stock = getattr(language_model, "_deepstack_process", None)
+    if stock is None or tuple(inspect.signature(stock).parameters) != DEEPSTACK_PARAMETERS:
+        raise SeamError("deepstack", f"{type(language_model).__name__} has no _deepstack_process{DEEPSTACK_PARAMETERS}")
+    signature = inspect.signature(stock)
+
+    def deepstack(*args, **kwargs):
+        return wrapper(stock, *signature.bind(*args, **kwargs).arguments.values())
+
+    language_model._deepstack_process = deepstack
+    return lambda: delattr(language_model, "_deepstack_process")
+
+
+# -- loss -----------------------------------------------------------------------------------------------
+def wrap_loss(model: nn.Module, wrapper: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """Route the model's `loss_function(logits=, labels=, vocab_size=, ...)` through `wrapper(stock, **kwargs)`."""
+    if not isinstance(getattr(type(model), "loss_function", None), property):
+        raise SeamError("loss function", f"{type(model).__name__}.loss_function is not the settable property")
+    own = model.__dict__.get("_loss_function")
+    stock = model.loss_function
+    model.loss_function = lambda **kwargs: wrapper(stock, **kwargs)
+
+    def undo() -> None:
+        if own is None:
+            del model._loss_function
+        else:
+            model._loss_function = own
+
+    return undo
