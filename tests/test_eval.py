@@ -10,8 +10,10 @@ import re
 import pytest
 from PIL import Image
 
+import tokred.eval.runner
 from tokred.cli import main
 from tokred.eval import STOCK, evaluate, grid, questions
+from tokred.eval.tasks import takes
 from tokred.zoo import build, load
 from tokred.zoo.train import accuracy
 
@@ -81,6 +83,10 @@ def test_cli_outputs_exist_and_agree(checkpoint, tmp_path, capsys):
     [
         (["--methods", "prune-it", "--keep", "0.5"], "unknown method.*prune-it.*fastv, random"),
         (["--methods", "fastv"], "needs at least one --keep"),
+        (
+            ["--keep", "0.5"],
+            r"--keep needs --methods, the methods to run at those ratios \(methods are: fastv, random\)",
+        ),
         (["--methods", "fastv", "--keep", "1.5"], "keep.*1.5"),
         (["--recipes", "fastv-99"], "unknown recipe.*fastv-99.*fastv-50"),
         (["--tasks", "mme"], "unknown local task 'mme'.*shapes, motion.*lmms-eval"),
@@ -112,3 +118,78 @@ def test_without_a_shipped_checkpoint_the_default_is_a_labelled_random_build(tmp
     printed = capsys.readouterr().out
     assert "warning: no trained checkpoint (shapes-motion-qwen2_5_vl) is shipped" in printed
     assert json.loads((tmp_path / "results.json").read_text())["run"]["model"].endswith("qwen2_5_vl-s0")
+
+
+def test_keep_without_methods_is_refused_by_grid():
+    with pytest.raises(ValueError, match="--keep needs --methods"):
+        grid(keeps=[0.5], recipes=["fastv-25"])
+
+
+LLAVA_REFUSAL = (
+    "task 'motion' asks about videos, which llava checkpoints do not take; tasks a llava checkpoint can run: shapes"
+)
+
+
+def test_a_family_without_video_is_refused_a_video_task_before_any_question(tmp_path, monkeypatch):
+    model, processor = load(build("llava", tmp_path / "llava"))
+    calls = []
+    monkeypatch.setattr(tokred.eval.runner, "_answers", lambda *args: calls.append(args))
+    with pytest.raises(ValueError, match=re.escape(LLAVA_REFUSAL)):
+        evaluate(model, processor, [STOCK], ["shapes", "motion"], limit=2)
+    assert calls == []
+    assert takes("llava") == ("shapes",) and takes("qwen2_5_vl") == ("shapes", "motion")
+
+
+def test_cli_refuses_a_video_task_before_loading(tmp_path, capsys, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr("tokred.zoo.load", load)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "shapes-llava", "--tasks", "shapes", "motion", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"tokred eval: error: {LLAVA_REFUSAL}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_tasks_are_those_the_family_takes(tmp_path):
+    path = build("llava", tmp_path / "llava")  # no card.json
+    main(["eval", "--model", str(path), "--recipes", "fastv-25", "--limit", "2", "--out", str(tmp_path / "out")])
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["run"]["tasks"] == ["shapes"]
+    assert [(r["task"], r["setting"]) for r in data["rows"]] == [("shapes", "stock"), ("shapes", "fastv-25")]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_a_failing_task_keeps_the_finished_results(checkpoint, tmp_path, capsys, monkeypatch, error):
+    answers = tokred.eval.runner._answers
+
+    def motion_fails(model, processor, task, *args):
+        if task == "motion":
+            raise error("boom")
+        return answers(model, processor, task, *args)
+
+    monkeypatch.setattr(tokred.eval.runner, "_answers", motion_fails)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(checkpoint), "--tasks", "shapes", "motion", "--recipes", "fastv-25", "--limit", "2"]
+    message = f"task 'motion' failed ({error.__name__}: boom); the results of shapes are in {out}"
+    with pytest.raises(SystemExit if error is ValueError else RuntimeError) as raised:
+        main([*args, "--out", str(out)])
+    if error is ValueError:
+        assert raised.value.code == 2 and capsys.readouterr().err.endswith(f"\ntokred eval: error: {message}\n")
+    else:
+        assert str(raised.value) == message
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["task"], r["setting"]) for r in rows] == [("shapes", "stock"), ("shapes", "fastv-25")]
+    with (out / "results.csv").open() as f:
+        assert [r["setting"] for r in csv.DictReader(f)] == ["stock", "fastv-25"]
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_progress_off_a_terminal_is_one_line_per_setting(checkpoint, tmp_path, capfd):
+    args = ["eval", "--model", str(checkpoint), "--tasks", "shapes", "motion", "--recipes", "fastv-25", "--limit", "2"]
+    main([*args, "--batch-size", "1", "--out", str(tmp_path)])
+    out, err = capfd.readouterr()
+    assert "\r" not in out and "\r" not in err
+    lines = re.findall(r"^(\w+)  (\S+)  2 questions  acc [01]\.\d{3}  \d+\.\d s$", err, re.MULTILINE)
+    assert lines == [(t, s) for t in ("shapes", "motion") for s in ("stock", "fastv-25")]

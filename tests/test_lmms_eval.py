@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("lmms_eval")
 
@@ -43,7 +44,7 @@ def lmms_run(path: str, setting, task: str) -> tuple[float, list[str], object]:
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager
 
-    lm = get_model("tokred").create_from_arg_string(f"{model_args(path, setting, 'cpu')},device=cpu", {"batch_size": 1})
+    lm = get_model("tokred").create_from_arg_string(f"{model_args(path, setting)},device=cpu", {"batch_size": 1})
     model = lm._model  # lmms-eval deletes it from the wrapper when the run ends
     tasks = TaskManager(include_path=str(include_path(LIMIT)), include_defaults=False)
     name = TASKS[task]
@@ -54,7 +55,7 @@ def lmms_run(path: str, setting, task: str) -> tuple[float, list[str], object]:
 
 
 @pytest.mark.parametrize(("name", "task"), checkpoints())
-@pytest.mark.parametrize("recipe", ["none", "fastv-25"])
+@pytest.mark.parametrize("recipe", ["none", "fastv-25", "random-25"])
 def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, task, recipe, tmp_path):
     # the random build takes 448 px images whole, as lmms-eval's Qwen class does
     path = str(build("qwen2_5_vl", tmp_path / "q", image_size=448) if name.startswith("random-") else name)
@@ -66,7 +67,7 @@ def test_lmms_eval_with_the_plugin_matches_tokred_eval(name, task, recipe, tmp_p
     )
 
     model, processor = load(path)
-    (row,) = evaluate(model, processor, [setting], [task], limit=LIMIT, batch_size=1, progress=False)
+    (row,) = evaluate(model, processor, [setting], [task], limit=LIMIT, batch_size=4, progress=False)
     assert all(answers)
     assert kept["input"][0] == row.vision_tokens_in and answers == row.answers and accuracy == row.accuracy
 
@@ -81,7 +82,7 @@ def test_accelerate_data_parallel_gives_the_single_process_answers(tmp_path):
         port = free.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--main_process_port", str(port), "-m", "lmms_eval", "--model", "tokred"]
-    launch += ["--model_args", f"{model_args('shapes-llava', setting, 'cpu')},device=cpu", "--tasks", "tokred_shapes"]
+    launch += ["--model_args", f"{model_args('shapes-llava', setting)},device=cpu", "--tasks", "tokred_shapes"]
     launch += ["--include_path", str(include_path(LIMIT)), "--limit", str(LIMIT), "--batch_size", "1"]
     launch += ["--output_path", str(out), "--log_samples"]
     done = subprocess.run(
@@ -113,6 +114,16 @@ def test_a_base_of_another_family_is_refused():
         ValueError, match="shapes-llava is a 'llava' checkpoint: use base=llava_hf, not base=qwen2_5_vl"
     ):
         get_model("tokred").create_from_arg_string("base=qwen2_5_vl,pretrained=shapes-llava,device=cpu", {})
+
+
+@pytest.mark.parametrize(("extra", "dtype"), [("", torch.float32), (",dtype=bfloat16", torch.bfloat16)])
+def test_the_plugin_on_the_cpu_loads_float32_unless_told(tmp_path, extra, dtype):
+    """lmms-eval's Qwen classes load bfloat16, which changes a few answers from `tokred eval`'s float32 ones."""
+    from lmms_eval.models import get_model
+
+    path = build("qwen2_5_vl", tmp_path / "q")
+    lm = get_model("tokred").create_from_arg_string(f"base=qwen2_5_vl,pretrained={path},device=cpu{extra}", {})
+    assert lm._model.dtype == dtype and lm._model.device == torch.device("cpu")
 
 
 def test_kv_schemes_are_refused_until_they_exist(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -85,7 +86,11 @@ def default_model() -> tuple[str, str | None]:
 
 def evaluate(args: argparse.Namespace) -> None:
     """Score stock and tokred configurations of a trained checkpoint on local tasks; write table, JSON, CSV, PNG."""
-    from tokred.eval import LOCAL_TASKS, evaluate, grid, table, write
+    from transformers.utils.logging import disable_progress_bar
+
+    from tokred.eval import evaluate, grid, table, write
+    from tokred.eval.runner import bars
+    from tokred.eval.tasks import check, takes
     from tokred.zoo import card, load
     from tokred.zoo.checkpoints import resolve
 
@@ -106,15 +111,29 @@ def evaluate(args: argparse.Namespace) -> None:
         print(lmms_run.table(rows))
         print(f"json: {lmms_run.write(rows, args.out, run | {'tasks': tasks})}")
         return
-    model, processor = load(args.model, attn_implementation="sdpa")
+    path = resolve(args.model)
+    family = _model_type(path)
+    tasks = args.tasks or (card(path)["tasks"] if (path / "card.json").is_file() else list(takes(family)))
+    for task in tasks:
+        check(task, family)  # before the weights load
+    if not bars():
+        disable_progress_bar()  # transformers' weight-loading bar
+    model, processor = load(path, attn_implementation="sdpa")
     model.to(device)
-    tasks = args.tasks or (
-        card(args.model)["tasks"] if (resolve(args.model) / "card.json").is_file() else list(LOCAL_TASKS)
-    )
-    rows = evaluate(model, processor, settings, tasks, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+    rows = []
+    for i, task in enumerate(tasks):
+        try:
+            rows += evaluate(
+                model, processor, settings, [task], limit=args.limit, batch_size=args.batch_size, seed=args.seed
+            )
+        except Exception as error:
+            saved = f"the results of {', '.join(tasks[:i])} are in {args.out}" if i else "nothing was written"
+            kind = ValueError if isinstance(error, (ValueError, FileNotFoundError)) else RuntimeError
+            raise kind(f"task {task!r} failed ({type(error).__name__}: {error}); {saved}") from error
+        paths = write(rows, args.out, run | {"tasks": tasks})  # after each task, so a later failure keeps these
     print(table(rows))
-    for kind, path in write(rows, args.out, run | {"tasks": tasks}).items():
-        print(f"{kind}: {path}")
+    for name, file in paths.items():
+        print(f"{name}: {file}")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -122,18 +141,40 @@ def demo(args: argparse.Namespace) -> None:
     from tokred.demo.app import build_app, launch
     from tokred.zoo import load
 
+    device = _device(args.device)
     warning = None
     if args.model is None:
         args.model, warning = default_model()
     model, processor = load(args.model, attn_implementation="sdpa")
-    app = build_app(model.to(_device(args.device)), processor, warning)
+    app = build_app(model.to(device), processor, warning)
     print(f"tokred demo of {args.model} on {launch(app, args.port, args.host)} (Ctrl+C stops it)")
     app.block_thread()
 
 
+def _model_type(path: Path) -> str:
+    """A checkpoint's config.model_type, read without its weights so that its tasks are checked before they load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except OSError as error:
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from error
+
+
 def _device(name: str) -> str:
-    """The device for a --device value: "auto" is cuda where there is one, else cpu."""
-    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device for a --device value ("auto": cuda where there is one, else cpu); ValueError for one not here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto (here: {here})") from error
+    if device.type == "cuda" and (device.index or 0) >= count:
+        missing = f"CUDA device {device.index} does not exist" if count else "no CUDA device is available"
+        raise ValueError(f"--device {name}: {missing}; devices here: {here}")
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -168,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="tokred",
         help="tokred's runner on local tasks, or lmms-eval (its tasks, e.g. mme videomme, or tokred_shapes)",
     )
-    eval_parser.add_argument("--tasks", nargs="+", help="tasks (default: the checkpoint's own / tokred_shapes)")
+    eval_parser.add_argument(
+        "--tasks",
+        nargs="+",
+        help="tasks (default: the checkpoint card's, else the local tasks its family takes; lmms-eval: tokred_shapes)",
+    )
     eval_parser.add_argument("--limit", type=int, help="questions per task (default 200)")
     eval_parser.add_argument("--batch-size", type=int, default=8)
     eval_parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

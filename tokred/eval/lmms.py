@@ -10,7 +10,8 @@ Model args besides the base class's own: ``base`` (lmms-eval model name), ``reci
 default the family's recommended one), ``keep`` (with a method name), ``kv`` and ``weights`` (``none`` for now),
 and ``dtype`` (reload the weights at this dtype; lmms-eval's Qwen classes load bfloat16). ``pretrained`` may be a
 shipped tokred checkpoint name. ``device=cpu`` also sets ``device_map=cpu`` (the classes' default "auto" would
-place the model on a GPU); otherwise the class places it, one GPU per process under ``accelerate launch``.
+place the model on a GPU) and a default ``dtype=float32``, what `tokred eval` runs on the CPU; otherwise the class
+places the model (one GPU per process under ``accelerate launch``) at its own dtype.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def _patched_class(base: str) -> type:
             config = recipe_config(recipe, keep)
             if str(kwargs.get("device", "")).startswith("cpu"):
                 kwargs.setdefault("device_map", "cpu")
+                dtype = dtype or "float32"  # bfloat16 would change a few answers from tokred eval's
             path = str(resolve(pretrained))
             family = AutoConfig.from_pretrained(path).model_type
             if base_for(family, path) != base:

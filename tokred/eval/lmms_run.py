@@ -77,16 +77,15 @@ def base_for(family: str, path: str | Path) -> str:
     return BASE[family]
 
 
-def model_args(model: str | Path, setting: Setting, device: str) -> str:
+def model_args(model: str | Path, setting: Setting) -> str:
     """The plugin's ``--model_args`` for a shipped name or checkpoint directory under one setting."""
     path = resolve(model)
     family = AutoConfig.from_pretrained(path).model_type
     base = base_for(family, path)
     recipe = setting.config if isinstance(setting.config, str) else f"{setting.method},keep={setting.keep}"
-    extra = ",dtype=float32" if device == "cpu" else ""  # lmms-eval's Qwen classes load bfloat16
-    if family.startswith("qwen"):  # its default min_pixels (448^2) would upscale MotionVQA's 224 px frames
-        extra += f",min_pixels={MIN_PIXELS}"
-    return f"base={base},pretrained={path},recipe={recipe}{extra}"  # simple_evaluate passes device
+    # Qwen's default min_pixels (448^2) would upscale MotionVQA's 224 px frames
+    extra = f",min_pixels={MIN_PIXELS}" if family.startswith("qwen") else ""
+    return f"base={base},pretrained={path},recipe={recipe}{extra}"  # simple_evaluate passes device (and so dtype)
 
 
 def evaluate(
@@ -108,7 +107,7 @@ def evaluate(
     for setting in settings:
         result = simple_evaluate(
             model="tokred",
-            model_args=model_args(model, setting, device),
+            model_args=model_args(model, setting),
             tasks=list(tasks),
             limit=limit,
             batch_size=batch_size,

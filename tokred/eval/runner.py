@@ -7,15 +7,18 @@ unpatched) so that its kept-token count is measured the same way.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import notebook
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokred
+from tokred import compat
 from tokred.eval.tasks import Question, check, questions
 from tokred.zoo.prompts import generate_answers
 
@@ -43,6 +46,11 @@ def grid(methods: Sequence[str] = (), keeps: Sequence[float] = (), recipes: Sequ
         raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; recipes are: {', '.join(tokred.PRESETS)}")
     if methods and not keeps:
         raise ValueError("--methods needs at least one --keep ratio")
+    if keeps and not methods:
+        raise ValueError(
+            "--keep needs --methods, the methods to run at those ratios "
+            f"(methods are: {', '.join(sorted(tokred.METHODS))})"
+        )
     settings = [STOCK]
     settings += [
         Setting(f"{m} keep {k:g}", tokred.Config(prune=tokred.METHODS[m](keep=k)), m, k) for m in methods for k in keeps
@@ -117,21 +125,32 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for task in tasks:
-        check(task)
+        check(task, model.config.model_type)
+    drawn = progress and bars()
     rows = []
     for task in tasks:
         items = questions(task, limit, seed)
         batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        bar = tqdm(total=len(batches) * len(settings), desc=task, disable=not progress, unit="batch")
+        bar = tqdm(total=len(batches) * len(settings), desc=task, disable=not drawn, unit="batch")
         stock: float | None = None
         for setting in settings:
+            start = time.perf_counter()
             row = _run(model, processor, task, setting, batches, max_new_tokens, bar)
             if setting.method == "stock" and stock is None:
                 stock = row.accuracy
             row.relative_accuracy = row.accuracy / stock if stock else None
             rows.append(row)
+            if progress and not drawn:
+                seconds = time.perf_counter() - start
+                line = f"{task}  {setting.name}  {row.questions} questions  acc {row.accuracy:.3f}  {seconds:.1f} s"
+                print(line, file=sys.stderr, flush=True)
         bar.close()
     return rows
+
+
+def bars() -> bool:
+    """Progress as tqdm bars on a terminal or notebook; elsewhere (CI, log files) as lines, not piled-up bar frames."""
+    return sys.stderr.isatty() or issubclass(tqdm, notebook.tqdm)
 
 
 def _run(model, processor, task: str, setting: Setting, batches: list[list[Question]], max_new_tokens: int, bar) -> Row:
@@ -193,4 +212,4 @@ def _answers(model, processor, task: str, batch: list[Question], max_new_tokens:
         max_new_tokens,
         logits_processor=processors,
     )
-    return [t.split("\n")[0].strip() for t in texts], out.past_key_values
+    return [t.split("\n")[0].strip() for t in texts], compat.output_cache(out)

@@ -13,8 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokred.adapters import adapter_class
 from tokred.zoo import datasets
 from tokred.zoo.builders import cache_root
+from tokred.zoo.prompts import MEDIA
 
 LOCAL_TASKS: tuple[str, ...] = tuple(datasets.KINDS)
 """Tasks that run offline from tokred's own data: ``("shapes", "motion")``."""
@@ -64,10 +66,22 @@ def questions(
     return [Question(r, datasets.open_media(task, directory.parent, r)) for r in records]
 
 
-def check(task: str) -> str:
+def takes(family: str) -> tuple[str, ...]:
+    """The local tasks a checkpoint of this model_type can run: video tasks only where the family takes video."""
+    video = adapter_class(family).takes_video
+    return tuple(task for task in LOCAL_TASKS if video or MEDIA[task] != "video")
+
+
+def check(task: str, family: str | None = None) -> str:
+    """``task`` if it is a local task (that a ``family`` checkpoint can run, when given), else a ValueError."""
     if task not in LOCAL_TASKS:
         raise ValueError(
             f"unknown local task {task!r}; local tasks are: {', '.join(LOCAL_TASKS)} "
             "(standard benchmarks such as mme or videomme run with --backend lmms-eval)"
+        )
+    if family is not None and task not in takes(family):
+        raise ValueError(
+            f"task {task!r} asks about {MEDIA[task]}s, which {family} checkpoints do not take; "
+            f"tasks a {family} checkpoint can run: {', '.join(takes(family))}"
         )
     return task
