@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-import numpy as np
-import pytest
 import torch
-from PIL import Image
+
+# Without a GPU, Triton kernels run in triton's CPU interpreter. triton reads the variable when it is first
+# imported (transformers imports it), so it is set here, before anything below imports transformers.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from tokred.zoo import FAMILIES, build
+from tokred.zoo import FAMILIES, build  # noqa: E402
 
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokred.methods import FastV, Random, Span, VisionTokens
-from tokred.stages.llm import last_query_attention
-from tokred.stages.select import keep_mask
 from tokred.compat import attention_mask
+from tokred.kernels import last_query_attention_reference as last_query_attention
+from tokred.methods import FastV, Random, Span, VisionTokens
+from tokred.stages.select import keep_mask
 from tokred.stages.sequence import Selection
 
 

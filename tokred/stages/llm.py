@@ -15,6 +15,7 @@ import torch
 
 from tokred import compat
 from tokred.adapters.base import Adapter
+from tokred.kernels import last_query_attention
 from tokred.methods.base import Method, Span
 from tokred.stages.select import keep_mask
 from tokred.stages.sequence import Selection
@@ -37,23 +38,6 @@ def _capture(module, query, key, value, attention_mask, **kwargs):
 
 
 compat.register_attention(CAPTURE, _capture)
-
-
-def last_query_attention(
-    query: torch.Tensor, key: torch.Tensor, last: torch.Tensor, key_valid: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """(B, N): softmax attention of each sample's query row `last` over the keys, averaged over heads."""
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query[torch.arange(batch, device=query.device), :, last].float()  # (B, H, D)
-    q = q.view(batch, kv_heads, heads // kv_heads, dim)
-    logits = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * scaling
-    keys = torch.arange(key.shape[2], device=key.device)
-    allowed = keys[None, :] <= last[:, None]
-    if key_valid is not None:
-        allowed = allowed & key_valid.bool()
-    logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    return logits.softmax(-1).mean(dim=(1, 2))
 
 
 class LLMStage:
