@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -92,7 +91,7 @@ def evaluate(args: argparse.Namespace) -> None:
     from tokred.eval.runner import bars
     from tokred.eval.tasks import check, takes
     from tokred.zoo import card, load
-    from tokred.zoo.checkpoints import resolve
+    from tokred.zoo.checkpoints import model_type, resolve
 
     settings = grid(args.methods, args.keep, args.recipes if args.recipes or args.methods else DEFAULT_RECIPES)
     if args.model is None:
@@ -112,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> None:
         print(f"json: {lmms_run.write(rows, args.out, run | {'tasks': tasks})}")
         return
     path = resolve(args.model)
-    family = _model_type(path)
+    family = model_type(path)
     tasks = args.tasks or (card(path)["tasks"] if (path / "card.json").is_file() else list(takes(family)))
     for task in tasks:
         check(task, family)  # before the weights load
@@ -149,16 +148,6 @@ def demo(args: argparse.Namespace) -> None:
     app = build_app(model.to(device), processor, warning)
     print(f"tokred demo of {args.model} on {launch(app, args.port, args.host)} (Ctrl+C stops it)")
     app.block_thread()
-
-
-def _model_type(path: Path) -> str:
-    """A checkpoint's config.model_type, read without its weights so that its tasks are checked before they load."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path).model_type
-    except OSError as error:
-        raise ValueError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from error
 
 
 def _device(name: str) -> str:

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 from lmms_eval.api.model import lmms
-from transformers import AutoConfig
 
 import tokred
 from tokred.eval.lmms_run import BASE, base_for
-from tokred.zoo.checkpoints import resolve
+from tokred.zoo.checkpoints import model_type, resolve
 
 BASES = tuple(dict.fromkeys(BASE.values()))
 """lmms-eval model names that ``base`` may take (llava_hf covers LLaVA and LLaVA-OneVision on transformers)."""
@@ -79,7 +78,7 @@ def _patched_class(base: str) -> type:
                 kwargs.setdefault("device_map", "cpu")
                 dtype = dtype or "float32"  # bfloat16 would change a few answers from tokred eval's
             path = str(resolve(pretrained))
-            family = AutoConfig.from_pretrained(path).model_type
+            family = model_type(path)
             if base_for(family, path) != base:
                 raise ValueError(f"{pretrained} is a {family!r} checkpoint: use base={BASE[family]}, not base={base}")
             super().__init__(pretrained=path, **kwargs)

@@ -14,12 +14,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoConfig
-
 from tokred.eval.lmms_tasks import include_path
 from tokred.eval.runner import Setting
 from tokred.eval.tasks import DEFAULT_QUESTIONS
-from tokred.zoo.checkpoints import resolve
+from tokred.zoo.checkpoints import model_type, resolve
 
 BASE = {
     "qwen2_5_vl": "qwen2_5_vl",
@@ -80,7 +78,7 @@ def base_for(family: str, path: str | Path) -> str:
 def model_args(model: str | Path, setting: Setting) -> str:
     """The plugin's ``--model_args`` for a shipped name or checkpoint directory under one setting."""
     path = resolve(model)
-    family = AutoConfig.from_pretrained(path).model_type
+    family = model_type(path)
     base = base_for(family, path)
     recipe = setting.config if isinstance(setting.config, str) else f"{setting.method},keep={setting.keep}"
     # Qwen's default min_pixels (448^2) would upscale MotionVQA's 224 px frames

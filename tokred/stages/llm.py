@@ -121,11 +121,10 @@ class LLMStage:
 
     def _cut(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Prefill: choose the tokens from layer K's scores; the cut mask and rotary embeddings for the rest."""
-        if self.given is None:
-            keep = keep_mask(self.method, self.spans, hidden, scores=self.scores)
-            self.selection = selection = Selection.from_keep(keep, self.text_mask)
-        else:
-            self.selection = selection = self.given
+        selection = self.given
+        if selection is None:
+            selection = Selection.from_keep(keep_mask(self.method, self.spans, hidden, self.scores), self.text_mask)
+        self.selection = selection
         self.on_cut(selection)
         if selection is None:
             return {}

@@ -27,9 +27,9 @@ class PreLLMStage:
     ) -> Selection | None:
         """Choose (or take the `given` selection) and cut; return the selection, None when every token stays."""
         embeds = kwargs["inputs_embeds"]
-        if given is None:
-            given = Selection.from_keep(keep_mask(self.method, spans, embeds), kwargs.get("attention_mask"))
         selection = given
+        if selection is None:
+            selection = Selection.from_keep(keep_mask(self.method, spans, embeds), kwargs.get("attention_mask"))
         if selection is None:
             return None
         position_ids = kwargs.get("position_ids")

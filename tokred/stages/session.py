@@ -39,8 +39,10 @@ class Session:
         # reuse them instead of choosing again for every new token.
         self.generating = False
         self.prompt: dict[str, Any] | None = None
-        # The last prefill's map from the logits' positions back to input_ids (None: nothing was cut).
-        self.kept: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # The last prefill's length and, where it cut, the map from the logits' positions back to input_ids
+        # (index, valid), for the labels.
+        self.input_len = 0
+        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None
         self._undo: list[Callable[[], None]] = []
 
     def install(self) -> None:
@@ -116,7 +118,7 @@ class Session:
         embeds = kwargs["inputs_embeds"]
         real = mask.sum(1).tolist() if mask is not None else [embeds.shape[1]] * embeds.shape[0]
         self.stats = Stats(seq_len={0: [int(n) for n in real]})
-        self.kept = None
+        self.input_len, self.kept = embeds.shape[1], None
         if spans:
             self.stats.record("input", _positions(spans))
             self.stats.media = [[(s.kind, s.grid) for s in sample] for sample in spans]
@@ -137,7 +139,7 @@ class Session:
                 spans = selection.remap(spans)
                 to_input = selection.index
                 self.stats.seq_len[0] = selection.key_valid.sum(1).tolist()
-                self.kept = (selection.index, selection.key_valid, selection.old_len)
+                self.kept = (selection.index, selection.key_valid)
             self.stats.record("pre_llm", _positions(spans, to_input))
         if self.llm is not None:
             self.llm.arm(
@@ -166,7 +168,7 @@ class Session:
         self.stats.seq_len[self.llm.layer + 1] = selection.key_valid.sum(1).tolist()
         self.stats.record("llm", _positions(selection.remap(spans), to_input, selection.index))
         index = selection.index if to_input is None else to_input.gather(1, selection.index)
-        self.kept = (index, selection.key_valid, self.kept[2] if self.kept else selection.old_len)
+        self.kept = (index, selection.key_valid)
 
     def _decode(self, kwargs: dict[str, Any], seen: int) -> None:
         if self.pre is not None and self.pre.selection is not None:
@@ -179,11 +181,11 @@ class Session:
         """The model's loss with `labels` cut like the tokens: each kept position keeps its own next-token label."""
         if self.kept is None or labels.shape[-1] == logits.shape[1]:
             return stock(logits=logits, labels=labels, **kwargs)
-        index, valid, length = self.kept
-        if labels.shape[-1] != length or kwargs.get("shift_labels") is not None:
+        index, valid = self.kept
+        if labels.shape[-1] != self.input_len or kwargs.get("shift_labels") is not None:
             raise ValueError(
-                f"labels cover {labels.shape[-1]} positions but the inputs had {length}; pass labels aligned with "
-                "input_ids (tokred cuts them with the vision tokens), not shift_labels"
+                f"labels cover {labels.shape[-1]} positions but the inputs had {self.input_len}; pass labels "
+                "aligned with input_ids (tokred cuts them with the vision tokens), not shift_labels"
             )
         shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
         shifted = shifted.gather(1, index.to(labels.device)).masked_fill(~valid.to(labels.device), IGNORE)

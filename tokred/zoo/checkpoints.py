@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 SHIPPED = Path(__file__).parent / "checkpoints"
 
@@ -31,6 +31,15 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return SHIPPED / str(name_or_path)
     names = ", ".join(available()) or "none in this installation"
     raise ValueError(f"no checkpoint named or at {str(name_or_path)!r}; shipped checkpoints: {names}")
+
+
+def model_type(name_or_path: str | os.PathLike) -> str:
+    """A checkpoint's config.model_type (its family), read without loading the weights."""
+    path = resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from error
 
 
 def load(name_or_path: str | os.PathLike, **kwargs) -> tuple[PreTrainedModel, ProcessorMixin]:
