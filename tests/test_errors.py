@@ -93,3 +93,21 @@ def test_pixels_without_input_ids(tiny):
     embeds = tiny.model.get_input_embeddings()(inputs.pop("input_ids"))
     with tokred.patched(tiny.model, "random-50"), pytest.raises(ValueError, match="needs `input_ids`"):
         tiny.model(**inputs, inputs_embeds=embeds)
+
+
+def test_a_method_of_a_stage_without_a_runtime_is_refused(tiny):
+    from dataclasses import dataclass
+
+    from tokred.methods.base import METHODS, Method, register
+
+    @register("frame-dedup-test", stage="frames")
+    @dataclass(frozen=True)
+    class FrameDedup(Method):
+        pass
+
+    try:
+        with pytest.raises(ValueError, match="'frame-dedup-test' runs in stage 'frames', which has no runtime yet"):
+            tokred.patch(tiny.model, Config(prune=FrameDedup(keep=0.5)))
+        assert not hasattr(tiny.model, "_tokred_session")
+    finally:
+        del METHODS["frame-dedup-test"]

@@ -101,7 +101,7 @@ def test_accelerate_data_parallel_gives_the_single_process_answers(tmp_path):
 def test_unknown_base_is_explained():
     from lmms_eval.models import get_model
 
-    with pytest.raises(ValueError, match="base=<lmms-eval model>, one of: qwen2_5_vl, qwen2_vl, qwen3_vl, llava_hf"):
+    with pytest.raises(ValueError, match="base=<lmms-eval model>, one of: llava_hf, qwen2_vl, qwen2_5_vl, qwen3_vl"):
         get_model("tokred").create_from_arg_string("base=blip2,pretrained=x", {})
     with pytest.raises(ValueError, match="'llava_onevision' class runs the original LLaVA-NeXT code.*base=llava_hf"):
         get_model("tokred").create_from_arg_string("base=llava_onevision,pretrained=x", {})

@@ -6,11 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokred.adapters.qwen3_vl import take_visual
 from tokred.compat import attention_mask
 from tokred.kernels import last_query_attention_reference as last_query_attention
 from tokred.methods import FastV, Random, Span, VisionTokens
 from tokred.stages.select import keep_mask
-from tokred.stages.sequence import Selection
+from tokred.tokens import Selection
 
 
 @given(n=st.integers(1, 5000), keep=st.floats(0.001, 1.0))
@@ -78,7 +79,7 @@ def test_take_visual_keeps_deepstack_rows_in_step():
     visual = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     rows = torch.arange(4.0)[:, None]  # one row per visual token, batch-major
     sel = Selection.from_keep(torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool), None)
-    new_mask, (new_rows,) = sel.take_visual(visual, [rows])
+    new_mask, (new_rows,) = take_visual(sel, visual, [rows])
     assert new_mask.tolist() == [[False, True, False], [True, True, False]]
     assert new_rows[:, 0].tolist() == [1.0, 2.0, 3.0]
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from tokred.adapters import ADAPTERS
-from tokred.config import KV_SCHEMES, PRESETS, RECOMMENDED, WEIGHT_BITS
+from tokred.config import KV_SCHEMES, PRESETS, WEIGHT_BITS
 from tokred.methods import METHODS
 from tokred.zoo import FAMILIES, build
 
@@ -18,7 +18,7 @@ def info(args: argparse.Namespace) -> None:
     """Print the support matrix, the methods and the presets."""
     print("families (model class -> recommended recipe):")
     for adapter in ADAPTERS:
-        print(f"  {adapter.family:<16} {', '.join(adapter.model_classes):<42} {RECOMMENDED[adapter.family]}")
+        print(f"  {adapter.family:<16} {', '.join(adapter.model_classes):<42} {adapter.recommended}")
     print("methods (name -> stage):")
     for name, method in METHODS.items():
         print(f"  {name:<16} {method.stage}")

@@ -46,20 +46,12 @@ PRESETS: dict[str, Config] = {
     "none": Config(),
 }
 
-# What `patch(model)` applies when no config is given, per adapter family.
-RECOMMENDED: dict[str, str] = {
-    "llava": "fastv-50",
-    "llava_onevision": "fastv-50",
-    "qwen2_vl": "fastv-50",
-    "qwen2_5_vl": "fastv-50",
-    "qwen3_vl": "fastv-50",
-}
 
-
-def resolve(config: Config | str | None, family: str) -> Config:
-    """Turn patch()'s `config` argument into a Config, with errors that list what is allowed."""
+def resolve(config: Config | str | None, recommended: str) -> Config:
+    """Turn patch()'s `config` argument into a Config (None: the family's `recommended` preset), with errors
+    that list what is allowed."""
     if config is None:
-        config = RECOMMENDED[family]
+        config = recommended
     if isinstance(config, str):
         if config in PRESETS:
             return PRESETS[config]

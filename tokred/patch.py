@@ -23,7 +23,7 @@ def patch(model: nn.Module, config: Config | Method | str | None = None) -> nn.M
     a method name ("fastv": its defaults), one method config, or a `tokred.Config`.
     """
     adapter = adapter_for(model)
-    session = Session(adapter, resolve(config, adapter.family))
+    session = Session(adapter, resolve(config, adapter.recommended))
     unpatch(model)
     session.install()
     setattr(model, ATTRIBUTE, session)

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from tokred import compat
-from tokred.methods.base import Span, sample_key
-from tokred.stages.sequence import Selection
+from tokred.tokens import Selection, Span, sample_key
 
 # (token count, token grid) of each image or video of a batch, in order; None: split by contiguous runs.
 Media = list[tuple[int, tuple[int, int, int] | None]] | None
@@ -25,6 +24,8 @@ class Adapter:
     family: ClassVar[str]  # the checkpoints' config.model_type
     model_classes: ClassVar[tuple[str, ...]]
     takes_video: ClassVar[bool] = True  # whether the family's processor and model accept videos
+    recommended: ClassVar[str] = "fastv-50"  # the preset `tokred.patch(model)` applies
+    lmms_base: ClassVar[str]  # the lmms-eval model class (on transformers) the plugin wraps for this family
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

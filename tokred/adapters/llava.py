@@ -10,6 +10,7 @@ from tokred.adapters.base import Adapter
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    lmms_base = "llava_hf"
     takes_video = False
 
     @property

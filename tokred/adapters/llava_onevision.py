@@ -11,3 +11,4 @@ from tokred.adapters.base import Adapter
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    lmms_base = "llava_hf"

@@ -9,20 +9,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from tokred import compat
 from tokred.adapters.qwen import QwenVLAdapter
-from tokred.stages.sequence import Selection
+from tokred.tokens import Selection
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration",)
+    lmms_base = "qwen3_vl"
 
     def take_text_kwargs(self, kwargs: dict[str, Any], selection: Selection) -> None:
         if kwargs.get("visual_pos_masks") is None:
             return
         embeds = kwargs.get("deepstack_visual_embeds") or []
-        kwargs["visual_pos_masks"], cut = selection.take_visual(kwargs["visual_pos_masks"], list(embeds))
+        kwargs["visual_pos_masks"], cut = take_visual(selection, kwargs["visual_pos_masks"], list(embeds))
         if kwargs.get("deepstack_visual_embeds") is not None:
             kwargs["deepstack_visual_embeds"] = cut
 
@@ -30,7 +33,17 @@ class Qwen3VLAdapter(QwenVLAdapter):
         def deepstack(stock, hidden_states, visual_pos_masks, visual_embeds):
             selection = current()
             if selection is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
-                visual_pos_masks, (visual_embeds,) = selection.take_visual(visual_pos_masks, [visual_embeds])
+                visual_pos_masks, (visual_embeds,) = take_visual(selection, visual_pos_masks, [visual_embeds])
             return stock(hidden_states, visual_pos_masks, visual_embeds)
 
         return [compat.wrap_deepstack(self.language_model, deepstack)]
+
+
+def take_visual(
+    selection: Selection, visual_pos_masks: torch.Tensor, embeds: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Cut a (B, N) mask of visual positions and the per-visual-token rows that go with it (deepstack)."""
+    rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
+    new_mask = selection.take_hidden(visual_pos_masks)
+    rows = selection.take_hidden(rank)[new_mask]
+    return new_mask, [e[rows.to(e.device)] for e in embeds]

@@ -18,7 +18,7 @@ from transformers import LogitsProcessorList, TextIteratorStreamer
 import tokred
 from tokred import compat
 from tokred.demo.media import medium
-from tokred.eval.runner import Clock, kv_bytes
+from tokred.measure import StepClock, kv_bytes
 from tokred.zoo.datasets import Media
 from tokred.zoo.prompts import chat, media_inputs
 
@@ -74,7 +74,7 @@ def stream(
     task = TASK[medium(media)]
     inputs = media_inputs(processor, task, [chat(processor, task, question)], [media]).to(model.device)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    clock, result = Clock(), {}
+    clock, result = StepClock(), {}
     cuda = model.device.type == "cuda"
 
     def generate() -> None:

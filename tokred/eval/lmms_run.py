@@ -14,19 +14,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from tokred.adapters import ADAPTERS
 from tokred.eval.lmms_tasks import include_path
 from tokred.eval.runner import Setting
 from tokred.eval.tasks import DEFAULT_QUESTIONS
 from tokred.zoo.checkpoints import model_type, resolve
 
-BASE = {
-    "qwen2_5_vl": "qwen2_5_vl",
-    "qwen2_vl": "qwen2_vl",
-    "qwen3_vl": "qwen3_vl",
-    "llava": "llava_hf",
-    "llava_onevision": "llava_hf",
-}
-"""Checkpoint model_type -> the lmms-eval model class the plugin wraps."""
+BASE = {adapter.family: adapter.lmms_base for adapter in ADAPTERS}
+"""Checkpoint model_type -> the lmms-eval model class the plugin wraps (each adapter's `lmms_base`)."""
 
 
 def task_manager(limit: int | None, seed: int):

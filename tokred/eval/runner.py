@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import notebook
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 import tokred
 from tokred import compat
 from tokred.eval.tasks import Question, check, questions
+from tokred.measure import StepClock, kv_bytes
 from tokred.zoo.prompts import generate_answers
 
 
@@ -86,29 +87,6 @@ class Row:
         return asdict(self)
 
 
-class Clock(LogitsProcessor):
-    """Timestamps of each generation step (generate calls logits processors once per step)."""
-
-    def __init__(self) -> None:
-        self.ticks: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.is_cuda:
-            torch.cuda.synchronize(scores.device)
-        self.ticks.append(time.perf_counter())
-        return scores
-
-
-def kv_bytes(cache) -> int:
-    """Bytes held by a transformers cache's key and value tensors."""
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def evaluate(
     model,
     processor,
@@ -165,7 +143,7 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         for batch in batches:
-            clock = Clock()
+            clock = StepClock()
             start = time.perf_counter()
             answers, cache = _answers(model, processor, task, batch, max_new_tokens, clock)
             ttft.append(clock.ticks[0] - start)

@@ -1,50 +1,18 @@
-"""The small data types where methods and adapters meet, and the method registry."""
+"""The base of every method config, the stages they belong to, and the method registry."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from tokred.tokens import VisionTokens
+
 STAGES = ("frames", "encoder", "pre_llm", "llm", "kv", "weights")
 
 METHODS: dict[str, type[Method]] = {}
-
-
-@dataclass(frozen=True)
-class Span:
-    """One image or video of one sample: where its tokens sit in the sequence and its token grid."""
-
-    kind: str  # "image" or "video"
-    positions: torch.Tensor  # (n,) long, ascending positions in the current sequence
-    grid: tuple[int, int, int] | None = None  # (t, h, w) of the tokens as the LLM sees them, when known
-    key: int = 0  # fixed by the sample's tokens and the span's place among them; see `sample_key`
-
-    def __len__(self) -> int:
-        return int(self.positions.numel())
-
-    def generator(self, seed: int) -> torch.Generator:
-        """A generator for content-blind choices in this span: the same for the same sample, alone or batched."""
-        digest = hashlib.blake2b(f"{seed}:{self.key}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
-def sample_key(token_ids: torch.Tensor) -> int:
-    """A stable number for one sample's unpadded input_ids, so its random choices don't depend on its batch."""
-    data = token_ids.detach().to("cpu", torch.int64).numpy().tobytes()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-@dataclass(frozen=True)
-class VisionTokens:
-    """What a method may look at for one span: its embeddings and, inside the LLM, text-to-vision attention."""
-
-    span: Span
-    embeds: torch.Tensor  # (n, d) hidden states of the span's tokens at the stage's point
-    scores: torch.Tensor | None = None  # (n,) attention from the last text query, where the stage provides it
 
 
 @dataclass(frozen=True)

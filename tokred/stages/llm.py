@@ -16,9 +16,9 @@ import torch
 from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.kernels import last_query_attention
-from tokred.methods.base import Method, Span
+from tokred.methods.base import Method
 from tokred.stages.select import keep_mask
-from tokred.stages.sequence import Selection
+from tokred.tokens import Selection, Span
 
 CAPTURE = "tokred_capture"
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from tokred.adapters.base import Adapter
-from tokred.methods.base import Method, Span
+from tokred.methods.base import Method
 from tokred.stages.select import keep_mask
-from tokred.stages.sequence import Selection
+from tokred.tokens import Selection, Span
 
 
 class PreLLMStage:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tokred.methods.base import Method, Span, VisionTokens
+from tokred.methods.base import Method
+from tokred.tokens import Span, VisionTokens
 
 
 def keep_mask(

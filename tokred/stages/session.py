@@ -13,10 +13,11 @@ from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.config import Config
 from tokred.methods.base import Method
+from tokred.stages import BUILT
 from tokred.stages.llm import SUPPORTED_ATTENTION, LLMStage
 from tokred.stages.pre_llm import PreLLMStage
-from tokred.stages.sequence import Selection
 from tokred.stats import Stats
+from tokred.tokens import Selection
 
 IGNORE = -100
 """transformers' label for positions that carry no loss."""
@@ -27,6 +28,13 @@ class Session:
 
     def __init__(self, adapter: Adapter, config: Config) -> None:
         self.adapter, self.config = adapter, config
+        unbuilt = [m for m in config.methods.values() if m.stage not in BUILT]
+        if unbuilt:
+            method = unbuilt[0]
+            raise ValueError(
+                f"method {method.name!r} runs in stage {method.stage!r}, which has no runtime yet; "
+                f"stages that run: {', '.join(BUILT)}"
+            )
         if "llm" in config.methods:
             self._check_llm_stage(config.methods["llm"])
         active = {stage: m for stage, m in config.methods.items() if not m.idle}

@@ -1,17 +1,50 @@
-"""Shortening a batch of sequences consistently: hidden states, positions, masks and later decode steps.
+"""The small types every layer shares: where vision tokens sit, what a method sees, and which survive a cut.
 
-A `Selection` says which positions of each sample survive. Samples may keep different counts; the shorter
+Adapters, methods, kernels-callers and stages all import this module; it imports nothing of tokred's.
+`Selection` says which positions of each sample survive. Samples may keep different counts; the shorter
 ones are padded to the batch's longest with dropped positions that stay masked out ("filler"), so one
 rectangular tensor carries the batch and no sample attends to anything it dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import torch
 
-from tokred.methods.base import Span
+
+@dataclass(frozen=True)
+class Span:
+    """One image or video of one sample: where its tokens sit in the sequence and its token grid."""
+
+    kind: str  # "image" or "video"
+    positions: torch.Tensor  # (n,) long, ascending positions in the current sequence
+    grid: tuple[int, int, int] | None = None  # (t, h, w) of the tokens as the LLM sees them, when known
+    key: int = 0  # fixed by the sample's tokens and the span's place among them; see `sample_key`
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator for content-blind choices in this span: the same for the same sample, alone or batched."""
+        digest = hashlib.blake2b(f"{seed}:{self.key}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def sample_key(token_ids: torch.Tensor) -> int:
+    """A stable number for one sample's unpadded input_ids, so its random choices don't depend on its batch."""
+    data = token_ids.detach().to("cpu", torch.int64).numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class VisionTokens:
+    """What a method may look at for one span: its embeddings and, inside the LLM, text-to-vision attention."""
+
+    span: Span
+    embeds: torch.Tensor  # (n, d) hidden states of the span's tokens at the stage's point
+    scores: torch.Tensor | None = None  # (n,) attention from the last text query, where the stage provides it
 
 
 @dataclass(frozen=True)
@@ -89,15 +122,6 @@ class Selection:
             return kept
         extra = mask[:, self.old_len :] if mask is not None else kept.new_ones(kept.shape[0], added)
         return torch.cat([kept, extra], dim=1)
-
-    def take_visual(
-        self, visual_pos_masks: torch.Tensor, embeds: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Cut a (B, N) mask of visual positions and the per-visual-token rows that go with it (deepstack)."""
-        rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
-        new_mask = self.take_hidden(visual_pos_masks)
-        rows = self.take_hidden(rank)[new_mask]
-        return new_mask, [e[rows.to(e.device)] for e in embeds]
 
     def remap(self, spans: list[list[Span]]) -> list[list[Span]]:
         """The same spans over the new sequence, holding only the positions that survived."""
