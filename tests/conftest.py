@@ -17,7 +17,11 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from tokred.methods import METHODS  # noqa: E402
 from tokred.zoo import FAMILIES, build  # noqa: E402
+
+EXAMPLES = {name: method.example() for name, method in METHODS.items()}
+"""Every registered method at its example setting: the conformance tests run each of them."""
 
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

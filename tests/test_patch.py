@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import noise_image
+from conftest import EXAMPLES, noise_image
 
 import tokred
 from tokred import Config, FastV, Random, compat
@@ -85,7 +85,7 @@ def test_unpatch_restores_and_repatch_repeats(tiny):
     assert torch.equal(again_logits, first_logits) and torch.equal(again_ids, first_ids)
 
 
-@pytest.mark.parametrize("method", [Random(keep=0.25), FastV(layer=1, keep=0.25)], ids=["random", "fastv"])
+@pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
 def test_quarter_keep_counts_and_shrinks_the_llm(tiny, method):
     model, inputs = tiny.model, tiny.batch()
     lengths: dict[int, int] = {}
@@ -182,7 +182,7 @@ def test_video_pruning_equals_masking_through_decoding(tiny_video):
     _assert_pruning_equals_masking(model, tiny_video.video(), "random-25", model.config.video_token_id)
 
 
-@pytest.mark.parametrize("method", [Random(keep=0.25), FastV(layer=1, keep=0.25)], ids=["random", "fastv"])
+@pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
 def test_video_keeps_a_quarter_of_its_tokens(tiny_video, method):
     model, inputs = tiny_video.model, tiny_video.video()
     with tokred.patched(model, method):
@@ -274,21 +274,6 @@ def test_stats_give_each_medium_its_token_grid(tiny):
     for grid, n in zip(grids, stats.vision_tokens["input"], strict=True):
         assert grid is None or math.prod(grid) == n
     assert any(grid is not None for grid in grids) or tiny.family == "llava_onevision"
-
-
-@pytest.mark.parametrize("method", [Random(keep=0.25, seed=7), FastV(layer=1, keep=0.25)], ids=["random", "fastv"])
-def test_a_samples_selection_is_the_same_alone_and_batched(tiny, method):
-    """What a sample keeps depends on it alone, not on the other samples (or padding) of its batch."""
-    batch = tiny.batch()
-    with tokred.patched(tiny.model, method):
-        tiny.model(**batch)
-        together = tokred.stats(tiny.model).kept_positions[method.stage]
-        for b, (text, image) in enumerate(tiny.samples()):
-            alone = tiny.processor(images=[image], text=[text], return_tensors="pt")
-            tiny.model(**alone)
-            (kept,) = tokred.stats(tiny.model).kept_positions[method.stage]
-            padding = int((1 - batch["attention_mask"][b]).sum())
-            assert (together[b] - padding).tolist() == kept.tolist(), b
 
 
 def test_random_draws_differ_between_samples_and_seeds(tiny):

@@ -46,6 +46,11 @@ class Method:
             return min(n, self.keep_tokens)
         return min(n, max(1, math.floor(self.keep * n + 0.5)))
 
+    @classmethod
+    def example(cls) -> Method:
+        """A setting that removes tokens on every tiny zoo model; the conformance tests run each method at it."""
+        return cls(keep=0.25)
+
     @property
     def idle(self) -> bool:
         """True when the method can remove nothing, so the stage is skipped and outputs stay bit-identical."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokred.methods.base import Method, VisionTokens, register
+from tokred.methods.base import Method, register
+from tokred.tokens import VisionTokens
 
 
 @register("fastv", stage="llm")
@@ -20,6 +21,10 @@ class FastV(Method):
         super().__post_init__()
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"FastV.layer must be an integer >= 0, got {self.layer!r}")
+
+    @classmethod
+    def example(cls) -> FastV:
+        return cls(layer=1, keep=0.25)
 
     def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
         if tokens.scores is None:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokred.methods.base import Method, VisionTokens, register
+from tokred.methods.base import Method, register
+from tokred.tokens import VisionTokens
 
 
 @register("random", stage="pre_llm")

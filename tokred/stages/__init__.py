@@ -1,4 +1,7 @@
-"""The runtime of each stage and the Session that wires them into a model."""
+"""The stage runtimes, registered by name (`stages.base.RUNTIMES`), and the Session that walks them.
 
-BUILT: tuple[str, ...] = ("pre_llm", "llm")
-"""Stages with a runtime, in pipeline order; `patch()` refuses a method registered for any other stage."""
+Each built stage is one module here; importing this package registers them all. A new stage is a new
+module with a `@runtime` class and its import line below.
+"""
+
+from tokred.stages import llm, pre_llm  # noqa: F401  (registers the runtimes)

@@ -9,6 +9,7 @@ K get their hidden states, mask and rotary embeddings cut by a forward pre-hook.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +18,10 @@ from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.kernels import last_query_attention
 from tokred.methods.base import Method
+from tokred.stages.base import Stage, runtime
+from tokred.stages.call import Call
 from tokred.stages.select import keep_mask
-from tokred.tokens import Selection, Span
+from tokred.tokens import Selection
 
 CAPTURE = "tokred_capture"
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -40,14 +43,40 @@ def _capture(module, query, key, value, attention_mask, **kwargs):
 compat.register_attention(CAPTURE, _capture)
 
 
-class LLMStage:
-    def __init__(self, method: Method, adapter: Adapter) -> None:
-        self.method, self.adapter = method, adapter
-        self.layer = method.layer
+@dataclass
+class Pass:
+    """The llm stage's values for one call: the sequence as layer K sees it and what happened at the cut."""
+
+    text_mask: torch.Tensor | None  # the LLM's 2D padding mask (after any earlier cut)
+    seq_len: int  # the prefill's length at layer K
+    scores: torch.Tensor | None = None  # (B, N) last-query attention at layer K
+    selection: Selection | None = None  # the cut, once made
+    active: bool = True  # False once the cut turned out to keep everything
+    pending: bool = True  # the next layer hook of this forward has to work out what to change
+    override: dict[str, Any] = field(default_factory=dict)  # what every later layer of this forward gets
+    added: int = 0  # tokens decoded since the prefill
+
+
+@runtime
+class LLMStage(Stage):
+    name = "llm"
+
+    def __init__(self, method: Method, adapter: Adapter, current: Callable[[], Call | None]) -> None:
+        super().__init__(method, adapter, current)
+        layers = len(adapter.layers)
+        if not 0 <= method.layer < layers - 1:
+            raise ValueError(
+                f"{type(method).__name__}.layer={method.layer} is out of range for this model's "
+                f"{layers} LLM layers; allowed: 0 to {layers - 2} (tokens are dropped after layer K)"
+            )
         self.implementation = compat.attention_implementation(adapter.text_config)
+        if self.implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"the llm stage supports attn_implementation {', '.join(SUPPORTED_ATTENTION)}; "
+                f"this model uses {self.implementation!r}"
+            )
+        self.layer = method.layer
         self.stock_config = adapter.layers[self.layer].self_attn.config
-        self.armed = False
-        self.selection: Selection | None = None
 
     # -- installation -------------------------------------------------------------------------------
     def install(self) -> list[Callable[[], None]]:
@@ -57,75 +86,80 @@ class LLMStage:
         undo = [lambda: setattr(attn, "config", self.stock_config), lambda: delattr(attn, "_tokred_stage")]
         for layer in self.adapter.layers[self.layer + 1 :]:
             undo.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True).remove)
-        undo += self.adapter.llm_stage_hooks(lambda: self.selection if self.armed else None)
+
+        def cut() -> Selection | None:
+            state = self._state()
+            return state.selection if state is not None else None
+
+        undo += self.adapter.llm_stage_hooks(cut)
         return undo
 
+    def _state(self) -> Pass | None:
+        """This stage's values for the call in flight, while its cut is (or may still be) in effect."""
+        call = self.current()
+        state = call.state.get(self.name) if call is not None else None
+        return state if state is not None and state.active else None
+
     # -- per call -----------------------------------------------------------------------------------
-    def arm(
-        self,
-        spans: list[list[Span]],
-        text_mask: torch.Tensor | None,
-        seq_len: int,
-        on_cut: Callable[[Selection | None], None],
-        given: Selection | None = None,
-    ) -> None:
-        """A prefill with vision: remember the spans and mask as the LLM sees them; choose at layer K
-        (or cut there what `given` keeps)."""
-        self.armed, self.spans, self.text_mask, self.seq_len = True, spans, text_mask, seq_len
-        self.on_cut, self.given = on_cut, given
-        self.scores = None
-        self.selection = None
-        self.pending = True
+    def prefill(self, call: Call) -> None:
+        """Remember the mask and length as the LLM sees them; the cut happens after layer K."""
+        kwargs = call.kwargs
+        call.state[self.name] = Pass(kwargs.get("attention_mask"), kwargs["inputs_embeds"].shape[1])
 
-    def disarm(self) -> None:
-        self.armed = False
-        self.selection = None
-
-    def step(self, text_mask: torch.Tensor | None, added: int) -> None:
-        """A decode step: the LLM's mask and how many tokens followed the prefill, to carry across the cut."""
-        self.text_mask, self.added = text_mask, added
-        self.pending = True
+    def decode(self, call: Call) -> None:
+        """The LLM's mask and how many tokens followed the prefill, to carry across the cut."""
+        state = call.state.get(self.name)
+        if state is None or not state.active:
+            return
+        state.text_mask = call.kwargs.get("attention_mask")
+        state.added = call.seen + call.kwargs["inputs_embeds"].shape[1] - state.seq_len
+        state.pending = True
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
-        if not self.armed or self.given is not None or self.selection is not None or query.shape[2] != self.seq_len:
+        """Layer K's attention call: the last text query's attention over the keys, on a prefill."""
+        state, call = self._state(), self.current()
+        if state is None or self.name in call.given or state.selection is not None or query.shape[2] != state.seq_len:
             return
         batch = query.shape[0]
-        if self.text_mask is None:
-            last = torch.full((batch,), self.seq_len - 1, device=query.device)
+        if state.text_mask is None:
+            last = torch.full((batch,), state.seq_len - 1, device=query.device)
         else:
-            last = (self.text_mask.bool() * torch.arange(self.seq_len, device=query.device)).argmax(1)
+            last = (state.text_mask.bool() * torch.arange(state.seq_len, device=query.device)).argmax(1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        self.scores = last_query_attention(query, key, last, self.text_mask, scale)
+        state.scores = last_query_attention(query, key, last, state.text_mask, scale)
 
     def _before_layer(self, module, args: tuple, kwargs: dict[str, Any]):
         """Pre-hook of every layer after K; the first one of each forward works out what to change."""
-        if not self.armed:
+        state = self._state()
+        if state is None:
             return None
         hidden_in_kwargs = not args
         hidden = kwargs["hidden_states"] if hidden_in_kwargs else args[0]
-        if self.pending:
-            self.pending = False
-            if self.selection is None:
-                self.override = self._cut(hidden, kwargs)
-                if self.selection is None:  # every token stays: leave this call untouched
-                    self.armed = False
+        if state.pending:
+            state.pending = False
+            if state.selection is None:
+                state.override = self._cut(state, hidden, kwargs)
+                if state.selection is None:  # every token stays: leave this call untouched
+                    state.active = False
                     return None
-                hidden = self.selection.take_hidden(hidden)
+                hidden = state.selection.take_hidden(hidden)
             else:
-                self.override = self._carry(kwargs)
-        kwargs.update(self.override)
+                state.override = self._carry(state, kwargs)
+        kwargs.update(state.override)
         if hidden_in_kwargs:
             kwargs["hidden_states"] = hidden
             return args, kwargs
         return (hidden, *args[1:]), kwargs
 
-    def _cut(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _cut(self, state: Pass, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Prefill: choose the tokens from layer K's scores; the cut mask and rotary embeddings for the rest."""
-        selection = self.given
+        call = self.current()
+        selection = call.given.get(self.name)
         if selection is None:
-            selection = Selection.from_keep(keep_mask(self.method, self.spans, hidden, self.scores), self.text_mask)
-        self.selection = selection
-        self.on_cut(selection)
+            keep = keep_mask(self.method, call.spans, hidden, state.scores)
+            selection = Selection.from_keep(keep, state.text_mask)
+        state.selection = selection
+        call.cut(self.name, selection, layer=self.layer + 1)
         if selection is None:
             return {}
         mask = None
@@ -138,10 +172,10 @@ class LLMStage:
             "position_ids": None,  # only flash attention reads them, to detect packing; cut positions look packed
         }
 
-    def _carry(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _carry(self, state: Pass, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Decode step: the same mask over the shorter cache of the layers after K."""
-        selection, cos = self.selection, kwargs["position_embeddings"][0]
-        key_valid = selection.padding_mask(self.text_mask, self.added).bool()
+        selection, cos = state.selection, kwargs["position_embeddings"][0]
+        key_valid = selection.padding_mask(state.text_mask, state.added).bool()
         if kwargs.get("attention_mask") is None and not selection.has_filler and bool(key_valid.all()):
             return {}
         return {"attention_mask": compat.attention_mask(key_valid, cos.shape[1], self.implementation, cos.dtype)}

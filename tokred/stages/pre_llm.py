@@ -7,31 +7,28 @@ family's extras. Decode steps keep the model's own positions; only their mask is
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from tokred.adapters.base import Adapter
-from tokred.methods.base import Method
+from tokred.stages.base import Stage, runtime
+from tokred.stages.call import Call
 from tokred.stages.select import keep_mask
-from tokred.tokens import Selection, Span
+from tokred.tokens import Selection
 
 
-class PreLLMStage:
-    def __init__(self, method: Method, adapter: Adapter) -> None:
-        self.method, self.adapter = method, adapter
-        self.selection: Selection | None = None
+@runtime
+class PreLLMStage(Stage):
+    name = "pre_llm"
 
-    def prefill(
-        self, kwargs: dict[str, Any], spans: list[list[Span]], given: Selection | None = None
-    ) -> Selection | None:
-        """Choose (or take the `given` selection) and cut; return the selection, None when every token stays."""
+    def prefill(self, call: Call) -> None:
+        """Choose (or take the call's given selection) and cut every sequence-aligned LLM input."""
+        kwargs = call.kwargs
         embeds = kwargs["inputs_embeds"]
-        selection = given
+        selection = call.given.get(self.name)
         if selection is None:
-            selection = Selection.from_keep(keep_mask(self.method, spans, embeds), kwargs.get("attention_mask"))
+            selection = Selection.from_keep(keep_mask(self.method, call.spans, embeds), kwargs.get("attention_mask"))
+        call.cut(self.name, selection)
         if selection is None:
-            return None
+            return
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None]
@@ -39,16 +36,17 @@ class PreLLMStage:
         kwargs["position_ids"] = selection.take_positions(position_ids)
         kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"))
         self.adapter.take_text_kwargs(kwargs, selection)
-        self.selection = selection
-        return selection
 
-    def decode(self, kwargs: dict[str, Any], seen: int, derive_positions: bool) -> None:
+    def decode(self, call: Call) -> None:
         """Carry the cut into a decode step: shorten its mask; fix positions the model derives from the cache."""
-        selection = self.selection
+        selection = call.selections.get(self.name)
+        if selection is None:
+            return
+        kwargs, seen = call.kwargs, call.seen
         q_len = kwargs["inputs_embeds"].shape[1]
         added = seen - selection.new_len + q_len
         kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"), added)
-        if derive_positions:
+        if call.derive_positions:
             shift = selection.old_len - selection.new_len
             position_ids = kwargs.get("position_ids")
             if position_ids is None:

@@ -1,0 +1,60 @@
+"""`Call`: what one prompt's forward (and its decode steps) carries between the stages.
+
+The session opens a Call at each prefill; stages read the LLM's keyword arguments from it, record their
+cuts in it (which remaps the spans, extends the chain of index maps back to `input_ids` and fills the
+stats) and keep their own per-call values under `state[stage name]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokred.stats import Stats
+from tokred.tokens import Selection, Span
+
+
+@dataclass
+class Call:
+    kwargs: dict[str, Any]  # the LLM forward's keyword arguments, updated in place by the stages
+    spans: list[list[Span]] | None  # each sample's images and videos, over the sequence as it is now
+    input_len: int  # the sequence length the LLM was given
+    derive_positions: bool  # the model derives decode positions from the cache length (no mask, no ids)
+    stats: Stats
+    seen: int = 0  # cache length at the current forward (0 for the prefill)
+    given: dict[str, Selection | None] = field(default_factory=dict)  # cuts to reuse instead of choosing
+    selections: dict[str, Selection | None] = field(default_factory=dict)  # each stage's cut, None: kept all
+    maps: list[torch.Tensor] = field(default_factory=list)  # each cut's index, oldest first
+    state: dict[str, Any] = field(default_factory=dict)  # per-stage values for this call
+
+    def cut(self, stage: str, selection: Selection | None, layer: int = 0) -> None:
+        """Record `stage`'s cut, taking effect from LLM layer `layer` on."""
+        self.selections[stage] = selection
+        if selection is not None:
+            self.spans = selection.remap(self.spans)
+            self.maps.append(selection.index)
+            self.stats.seq_len[layer] = selection.key_valid.sum(1).tolist()
+        self.stats.record(stage, self.positions())
+
+    def positions(self) -> list[torch.Tensor]:
+        """Each sample's vision positions now, carried back through the cuts to `input_ids` positions."""
+        out = []
+        for b, sample in enumerate(self.spans):
+            pos = torch.cat([s.positions for s in sample]) if sample else torch.zeros(0, dtype=torch.long)
+            for index in reversed(self.maps):
+                pos = index[b][pos]
+            out.append(pos)
+        return out
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For each position the LLM's output has now: its `input_ids` position and whether it is real (not
+        filler); None when nothing was cut."""
+        if not self.maps:
+            return None
+        index = self.maps[0]
+        for later in self.maps[1:]:
+            index = index.gather(1, later)
+        last = next(s for s in reversed(self.selections.values()) if s is not None)
+        return index, last.key_valid
