@@ -98,11 +98,11 @@ def test_pixels_without_input_ids(tiny):
 def test_a_method_of_a_stage_without_a_runtime_is_refused(tiny):
     from dataclasses import dataclass
 
-    from tokred.methods.base import METHODS, Method, register
+    from tokred.methods.base import METHODS, TokenReducer, register
 
     @register("frame-dedup-test", stage="frames")
     @dataclass(frozen=True)
-    class FrameDedup(Method):
+    class FrameDedup(TokenReducer):
         pass
 
     try:

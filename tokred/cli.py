@@ -188,7 +188,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_parser.add_argument("--methods", nargs="+", default=[], help="methods to run at each --keep ratio")
     eval_parser.add_argument("--keep", nargs="+", type=float, default=[], help="keep ratios for --methods")
     eval_parser.add_argument(
-        "--recipes", nargs="+", default=[], help=f"presets (default without --methods: {' '.join(DEFAULT_RECIPES)})"
+        "--recipes",
+        nargs="+",
+        default=[],
+        help=f"presets or recipe text, e.g. fastv:layer=3:keep=0.2 (without --methods: {' '.join(DEFAULT_RECIPES)})",
     )
     eval_parser.add_argument("--kv", choices=KV_SCHEMES, default="none", help="KV-cache scheme (none yet)")
     eval_parser.add_argument("--weights", choices=WEIGHT_BITS, default="none", help="weight bits (none yet)")

@@ -1,7 +1,15 @@
-"""`Config`, the presets, and turning whatever a user passes to `patch` into a validated Config."""
+"""`Config`, its text form, the presets, and turning whatever a user passes to `patch` into a validated Config.
+
+The text form is what `patch(model, "...")`, `tokred eval --recipes`, the lmms-eval plugin's ``recipe=`` and
+the demo all take: a preset name, or methods joined by ``+``, each a method name followed by ``:field=value``
+for every field that differs from its default, e.g. ``fastv:layer=3:keep=0.25+random:keep=0.5``. It holds no
+commas or spaces, so it passes through lmms-eval's comma-separated ``--model_args`` and a shell unquoted.
+``str(config)`` prints it; `Config.parse` reads it back (round-trip tested).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,7 +18,8 @@ from tokred.methods import METHODS, STAGES, FastV, Method, Random
 
 @dataclass(frozen=True)
 class Config:
-    """A recipe: at most one method per stage. `prune` takes one method or a sequence of them."""
+    """A recipe: at most one method per stage. `prune` takes one method or a sequence of them (kept in pipeline
+    order). Its text form: `str(config)`, read back by `Config.parse`."""
 
     prune: Method | Sequence[Method] = ()
     methods: dict[str, Method] = field(init=False, repr=False, compare=False)
@@ -31,8 +40,60 @@ class Config:
                     "a Config takes at most one method per stage"
                 )
             by_stage[method.stage] = method
-        object.__setattr__(self, "prune", tuple(given))
-        object.__setattr__(self, "methods", {s: by_stage[s] for s in STAGES if s in by_stage})
+        methods = {s: by_stage[s] for s in STAGES if s in by_stage}
+        object.__setattr__(self, "prune", tuple(methods.values()))  # pipeline order, so equal recipes compare equal
+        object.__setattr__(self, "methods", methods)
+
+    def __str__(self) -> str:
+        return "+".join(_method_text(m) for m in self.methods.values()) or "none"
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        """A Config from its text form or a preset name; ValueError naming what exists for an unknown
+        preset, method or field, or a malformed value."""
+        if text in PRESETS:
+            return PRESETS[text]
+        return cls(prune=[_parse_method(part) for part in text.split("+")])
+
+
+def _method_text(method: Method) -> str:
+    defaults = type(method)()
+    changed = [
+        f":{f.name}={getattr(method, f.name)}"
+        for f in dataclasses.fields(method)
+        if getattr(method, f.name) != getattr(defaults, f.name)
+    ]
+    return method.name + "".join(changed)
+
+
+def _parse_method(text: str) -> Method:
+    name, *assignments = text.split(":")
+    if name not in METHODS:
+        raise ValueError(
+            f"unknown preset or method {name!r} in recipe {text!r}; presets are: {', '.join(PRESETS)}; "
+            f"methods are: {', '.join(sorted(METHODS))} (written name:field=value:..., joined by +)"
+        )
+    method = METHODS[name]
+    fields = [f.name for f in dataclasses.fields(method)]
+    values = {}
+    for assignment in assignments:
+        key, equals, value = assignment.partition("=")
+        if key not in fields or not equals:
+            raise ValueError(f"{name} has no field {key!r} (in {text!r}); its fields are: {', '.join(fields)}")
+        values[key] = _value(value)
+    return method(**values)
+
+
+def _value(text: str) -> int | float | None | str:
+    """A field value as written: an integer, a number, ``None``, else the text itself (the method validates it)."""
+    if text == "None":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 KV_SCHEMES: tuple[str, ...] = ("none",)
@@ -53,14 +114,7 @@ def resolve(config: Config | str | None, recommended: str) -> Config:
     if config is None:
         config = recommended
     if isinstance(config, str):
-        if config in PRESETS:
-            return PRESETS[config]
-        if config in METHODS:
-            return Config(prune=METHODS[config]())
-        raise ValueError(
-            f"unknown preset or method {config!r}; presets are: {', '.join(PRESETS)}; "
-            f"methods (with their default settings) are: {', '.join(sorted(METHODS))}"
-        )
+        return Config.parse(config)
     if isinstance(config, Method):
         return Config(prune=config)
     if not isinstance(config, Config):

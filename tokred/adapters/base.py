@@ -43,6 +43,10 @@ class Adapter:
     def layers(self) -> nn.ModuleList:
         return self.language_model.layers
 
+    def attention(self, layer: int) -> nn.Module:
+        """The self-attention module of LLM layer `layer` (where the llm stage captures q/k)."""
+        return self.layers[layer].self_attn
+
     @property
     def text_config(self) -> Any:
         return self.language_model.config

@@ -37,7 +37,7 @@ def recipe(method: str, keep: float, kv: str = "none", weights: str = "none") ->
         return STOCK
     if method not in tokred.METHODS:
         raise ValueError(f"unknown method {method!r}; methods are: {STOCK}, {', '.join(sorted(tokred.METHODS))}")
-    return tokred.Config(prune=tokred.METHODS[method](keep=float(keep)))
+    return tokred.Config.parse(f"{method}:keep={float(keep)}")
 
 
 @dataclass

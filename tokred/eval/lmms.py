@@ -97,10 +97,10 @@ def _patched_class(base: str) -> type:
     return Patched
 
 
-def recipe_config(recipe: str | None, keep: float | None) -> tokred.Config | str | None:
-    """``recipe`` (a preset or method name) and an optional ``keep`` as what `tokred.patch` takes."""
+def recipe_config(recipe: str | None, keep: float | None) -> tokred.Config | None:
+    """``recipe`` (a preset or recipe text, see `tokred.Config`) and an optional ``keep`` for a bare method name."""
     if keep is None:
-        return recipe
+        return None if recipe is None else tokred.Config.parse(recipe)
     if recipe not in tokred.METHODS:
         raise ValueError(f"keep= goes with a method name ({', '.join(sorted(tokred.METHODS))}), got recipe={recipe!r}")
-    return tokred.Config(prune=tokred.METHODS[recipe](keep=float(keep)))
+    return tokred.Config.parse(f"{recipe}:keep={keep}")

@@ -75,7 +75,7 @@ def model_args(model: str | Path, setting: Setting) -> str:
     path = resolve(model)
     family = model_type(path)
     base = base_for(family, path)
-    recipe = setting.config if isinstance(setting.config, str) else f"{setting.method},keep={setting.keep}"
+    recipe = str(setting.config)  # recipe text holds no commas, so it survives lmms-eval's model_args
     # Qwen's default min_pixels (448^2) would upscale MotionVQA's 224 px frames
     extra = f",min_pixels={MIN_PIXELS}" if family.startswith("qwen") else ""
     return f"base={base},pretrained={path},recipe={recipe}{extra}"  # simple_evaluate passes device (and so dtype)

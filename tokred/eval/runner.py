@@ -29,7 +29,7 @@ class Setting:
     """One column of the grid: a name, what `tokred.patch` gets, and the method and keep it stands for."""
 
     name: str
-    config: tokred.Config | str
+    config: tokred.Config | str  # a Config or its text form
     method: str = "stock"
     keep: float = 1.0
 
@@ -38,13 +38,11 @@ STOCK = Setting("stock", "none")
 
 
 def grid(methods: Sequence[str] = (), keeps: Sequence[float] = (), recipes: Sequence[str] = ()) -> list[Setting]:
-    """Stock, then each method at each keep ratio, then each named preset; clear errors for unknown names."""
+    """Stock, then each method at each keep ratio, then each recipe (a preset or recipe text, see
+    `tokred.Config`); clear errors for unknown names."""
     unknown = [m for m in methods if m not in tokred.METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(sorted(tokred.METHODS))}")
-    unknown = [r for r in recipes if r not in tokred.PRESETS]
-    if unknown:
-        raise ValueError(f"unknown recipe(s) {', '.join(unknown)}; recipes are: {', '.join(tokred.PRESETS)}")
     if methods and not keeps:
         raise ValueError("--methods needs at least one --keep ratio")
     if keeps and not methods:
@@ -53,13 +51,14 @@ def grid(methods: Sequence[str] = (), keeps: Sequence[float] = (), recipes: Sequ
             f"(methods are: {', '.join(sorted(tokred.METHODS))})"
         )
     settings = [STOCK]
-    settings += [
-        Setting(f"{m} keep {k:g}", tokred.Config(prune=tokred.METHODS[m](keep=k)), m, k) for m in methods for k in keeps
-    ]
-    for name in recipes:
-        prune = tokred.PRESETS[name].prune
-        method = prune[0] if prune else None
-        settings.append(Setting(name, name, type(method).name if method else "stock", getattr(method, "keep", 1.0)))
+    settings += [Setting(f"{m} keep {k:g}", tokred.Config.parse(f"{m}:keep={k}"), m, k) for m in methods for k in keeps]
+    for text in recipes:
+        try:
+            config = tokred.Config.parse(text)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"unknown recipe {text!r}: {error}") from error
+        method = "+".join(m.name for m in config.prune) or "stock"
+        settings.append(Setting(text, config, method, config.prune[-1].keep if config.prune else 1.0))
     return settings
 
 

@@ -17,15 +17,31 @@ METHODS: dict[str, type[Method]] = {}
 
 @dataclass(frozen=True)
 class Method:
-    """Base of every method: its config fields are the dataclass fields, its stage a class constant.
+    """Base of every method: its config fields are the dataclass fields, its name and stage class constants
+    (set by `register`). Kinds below it say what a method does; today: `TokenReducer`."""
+
+    stage: ClassVar[str]
+    name: ClassVar[str]
+
+    @classmethod
+    def example(cls) -> Method:
+        """A setting that acts on every tiny zoo model; the conformance tests run each method at it."""
+        return cls()
+
+    @property
+    def idle(self) -> bool:
+        """True when the method can change nothing, so its stage is skipped and outputs stay bit-identical."""
+        return False
+
+
+@dataclass(frozen=True)
+class TokenReducer(Method):
+    """A method that keeps a budget of each image's or video's tokens (`select` returns which).
 
     `keep` is the fraction of each image's or video's tokens that reach the LLM; `keep_tokens`, when given,
     is an absolute count per image or video and wins over `keep`. Counts round half up and never drop
     below one token: k = min(n, max(1, floor(keep * n + 0.5))).
     """
-
-    stage: ClassVar[str]
-    name: ClassVar[str]
 
     keep: float = 0.5
     keep_tokens: int | None = None
@@ -47,13 +63,11 @@ class Method:
         return min(n, max(1, math.floor(self.keep * n + 0.5)))
 
     @classmethod
-    def example(cls) -> Method:
-        """A setting that removes tokens on every tiny zoo model; the conformance tests run each method at it."""
+    def example(cls) -> TokenReducer:
         return cls(keep=0.25)
 
     @property
     def idle(self) -> bool:
-        """True when the method can remove nothing, so the stage is skipped and outputs stay bit-identical."""
         return self.keep_tokens is None and self.keep == 1.0
 
     def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:

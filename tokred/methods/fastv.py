@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tokred.methods.base import Method, register
+from tokred.methods.base import TokenReducer, register
 from tokred.tokens import VisionTokens
 
 
 @register("fastv", stage="llm")
 @dataclass(frozen=True)
-class FastV(Method):
+class FastV(TokenReducer):
     """`layer` is K: layers 0..K see every token, layers after K only the kept ones."""
 
     layer: int = 2

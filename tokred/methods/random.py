@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tokred.methods.base import Method, register
+from tokred.methods.base import TokenReducer, register
 from tokred.tokens import VisionTokens
 
 
 @register("random", stage="pre_llm")
 @dataclass(frozen=True)
-class Random(Method):
+class Random(TokenReducer):
     """Keep a uniformly random subset of each image's or video's tokens; `seed` makes every call repeatable."""
 
     seed: int = 0

@@ -76,11 +76,11 @@ class LLMStage(Stage):
                 f"this model uses {self.implementation!r}"
             )
         self.layer = method.layer
-        self.stock_config = adapter.layers[self.layer].self_attn.config
+        self.stock_config = adapter.attention(self.layer).config
 
     # -- installation -------------------------------------------------------------------------------
     def install(self) -> list[Callable[[], None]]:
-        attn = self.adapter.layers[self.layer].self_attn
+        attn = self.adapter.attention(self.layer)
         capture_config = compat.with_attention_function(self.stock_config, CAPTURE)
         attn.config, attn._tokred_stage = capture_config, self
         undo = [lambda: setattr(attn, "config", self.stock_config), lambda: delattr(attn, "_tokred_stage")]

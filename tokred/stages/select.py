@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from tokred.methods.base import Method
+from tokred.methods.base import TokenReducer
 from tokred.tokens import Span, VisionTokens
 
 
 def keep_mask(
-    method: Method,
+    method: TokenReducer,
     spans: list[list[Span]],
     hidden: torch.Tensor,
     scores: torch.Tensor | None = None,
