@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 import tokred
-from tokred import Config, FastV, Random
+from tokred import Config, FastV, KVScheme, Random
+from tokred.config import schemes
 from tokred.eval import grid
+from tokred.methods.base import METHODS, register
 
 
 @pytest.mark.parametrize(
@@ -58,3 +62,48 @@ def test_every_entry_point_takes_the_text(tiny):
     (_, setting) = grid(recipes=["fastv:layer=1:keep=0.25"])
     assert setting.config == Config(prune=FastV(layer=1, keep=0.25))
     assert (setting.name, setting.method, setting.keep) == ("fastv:layer=1:keep=0.25", "fastv", 0.25)
+
+
+@dataclass(frozen=True)
+class ToyKV(KVScheme):
+    """A KV scheme for these tests only (registered per test): the kv stage has no runtime yet."""
+
+    bits: int = 4
+
+
+@pytest.fixture
+def toy_kv(monkeypatch):
+    monkeypatch.setattr(ToyKV, "name", "toykv", raising=False)
+    monkeypatch.setattr(ToyKV, "stage", "kv", raising=False)
+    monkeypatch.setitem(METHODS, "toykv", ToyKV)
+    return ToyKV
+
+
+def test_kv_and_weights_take_their_own_stage(toy_kv):
+    one_list = Config(prune=[toy_kv(bits=2), Random(keep=0.5)])
+    fields = Config(prune=Random(keep=0.5), kv=toy_kv(bits=2))
+    assert one_list == fields and one_list.kv == toy_kv(bits=2) and one_list.prune == (Random(keep=0.5),)
+    assert list(fields.methods) == ["pre_llm", "kv"] and fields.weights is None
+    assert str(fields) == "random+toykv:bits=2" and Config.parse(str(fields)) == fields
+    assert Config(prune=Random(keep=0.5)).with_schemes(kv="toykv:bits=2") == fields
+    assert schemes("kv") == ("none", "toykv") and schemes("weights") == ("none",)
+    with pytest.raises(TypeError, match=r"Config.kv takes a method of stage 'kv'"):
+        Config(kv=Random())
+    with pytest.raises(ValueError, match="two methods for stage 'kv'"):
+        Config(prune=toy_kv(), kv=toy_kv(bits=2))
+    with pytest.raises(ValueError, match=r"unknown kv scheme 'random'; kv schemes are: none, toykv"):
+        Config().with_schemes(kv="random")
+
+
+def test_a_kv_scheme_is_refused_until_the_kv_stage_runs(tiny, toy_kv):
+    with pytest.raises(ValueError, match="'toykv' runs in stage 'kv', which has no runtime yet; stages that run: "):
+        tokred.patch(tiny.model, Config(prune=FastV(), kv=toy_kv()))
+    assert not hasattr(tiny.model, "_tokred_session")
+
+
+def test_methods_register_only_as_their_stage_takes():
+    with pytest.raises(TypeError, match="a method for stage 'kv' must be a KVScheme, not Random"):
+        register("random-kv", stage="kv")(Random)
+    with pytest.raises(TypeError, match="a method for stage 'pre_llm' must be a TokenReducer, not ToyKV"):
+        register("toy-pre", stage="pre_llm")(ToyKV)
+    assert "random-kv" not in METHODS and "toy-pre" not in METHODS

@@ -91,15 +91,16 @@ def test_llava_tokens_sit_on_its_fixed_grid(zoo_root):
 
 # -- recipes and uploads --------------------------------------------------------------------------------------------
 def test_recipe_controls_become_patch_configs():
-    assert recipe("none", 0.3) == "none"
+    assert recipe("none", 0.3) == tokred.Config() == tokred.Config.parse("none")
     assert recipe("random", 0.25) == tokred.Config(prune=tokred.Random(keep=0.25))
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("fastv", 0.5, "kivi"), "KV scheme 'kivi' is not supported yet; supported: none"),
-        (("fastv", 0.5, "none", "int4"), "weight bits 'int4' is not supported yet; supported: none"),
+        (("fastv", 0.5, "kivi"), r"unknown kv scheme 'kivi'; no kv scheme is built yet \(only none\)"),
+        (("fastv", 0.5, "none", "int4"), r"unknown weights scheme 'int4'; no weights scheme is built yet"),
+        (("none", 0.5, "fastv"), "unknown kv scheme 'fastv'"),
         (("tome", 0.5), "unknown method 'tome'; methods are: none, fastv, random"),
         (("random", 0.0), r"keep must be in \(0, 1\]"),
     ],

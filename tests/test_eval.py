@@ -106,10 +106,17 @@ def test_unknown_checkpoint_lists_the_shipped_ones(capsys):
     assert "no checkpoint named or at 'no-such-model'; shipped checkpoints:" in capsys.readouterr().err
 
 
-def test_kv_and_weights_take_only_none_for_now(capsys):
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--kv", "vidkv", "unknown kv scheme 'vidkv'; no kv scheme is built yet"),
+        ("--weights", "random:keep=0.5", "unknown weights scheme 'random:keep=0.5'"),
+    ],
+)
+def test_kv_and_weights_take_only_registered_schemes(capsys, flag, value, message):
     with pytest.raises(SystemExit):
-        main(["eval", "--kv", "vidkv"])
-    assert "invalid choice: 'vidkv'" in capsys.readouterr().err
+        main(["eval", flag, value])
+    assert message in capsys.readouterr().err
 
 
 def test_without_a_shipped_checkpoint_the_default_is_a_labelled_random_build(tmp_path, capsys, monkeypatch):

@@ -17,6 +17,7 @@ FORBIDDEN = {
     "tokred.methods": ("tokred.adapters", "tokred.stages", "tokred.eval", "tokred.demo"),
     "tokred.adapters": ("tokred.stages", "tokred.methods", "tokred.eval", "tokred.demo"),
     "tokred.stages": ("tokred.eval", "tokred.demo", "tokred.patch"),
+    "tokred.zoo.families": ("tokred",),  # a family's builder needs only transformers and its siblings
 }
 
 

@@ -1,7 +1,8 @@
 """Conformance: every registered method (tokred.METHODS, each at its `example()` setting) on every family.
 
-A new method is tested here by registering it: idle identity, exact budget counts, generate, the same choice
-alone and in a padded batch, and an exact unpatch.
+A new method is tested here by registering it. Every method: idle identity and an exact unpatch; token
+reducers (selecting or merging) also: exact budget counts, generate, and the same choice alone and in a padded
+batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from conftest import EXAMPLES
 import tokred
 
 METHODS = pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
+REDUCING = {name: m for name, m in EXAMPLES.items() if isinstance(m, tokred.TokenReducer)}
+REDUCERS = pytest.mark.parametrize("method", list(REDUCING.values()), ids=list(REDUCING))
 
 
 def vision_counts(tiny, inputs) -> list[int]:
@@ -25,12 +28,12 @@ def vision_counts(tiny, inputs) -> list[int]:
 def test_idle_is_bit_identical(tiny, method):
     inputs = tiny.batch()
     stock = tiny.model(**inputs).logits
-    with tokred.patched(tiny.model, dataclasses.replace(method, keep=1.0)):
+    with tokred.patched(tiny.model, method.as_idle()):
         assert torch.equal(tiny.model(**inputs).logits, stock)
         assert set(tokred.stats(tiny.model).vision_tokens) == {"input"}  # the stage did not run
 
 
-@METHODS
+@REDUCERS
 def test_budget_counts_are_exact(tiny, method):
     inputs = tiny.batch()
     n = vision_counts(tiny, inputs)
@@ -46,7 +49,7 @@ def test_budget_counts_are_exact(tiny, method):
             assert bool((inputs["input_ids"][b, kept] == tiny.model.config.image_token_id).all())
 
 
-@METHODS
+@REDUCERS
 def test_generate_runs_and_shortens_the_cache(tiny, method):
     inputs = tiny.batch()
     steps = 3
@@ -58,7 +61,7 @@ def test_generate_runs_and_shortens_the_cache(tiny, method):
     assert kept == [method.budget(x) for x in vision_counts(tiny, inputs)]
 
 
-@METHODS
+@REDUCERS
 def test_a_samples_selection_is_the_same_alone_and_batched(tiny, method):
     """What a sample keeps depends on it alone, not on the other samples (or padding) of its batch."""
     batch = tiny.batch()
@@ -79,7 +82,8 @@ def test_unpatch_is_exact(tiny, method):
     stock = tiny.model(**inputs).logits
     modules = {name: (dict(m._forward_pre_hooks), sorted(vars(m))) for name, m in tiny.model.named_modules()}
     tokred.patch(tiny.model, method)
-    assert tiny.model(**inputs).logits.shape[1] < stock.shape[1]
+    if isinstance(method, tokred.TokenReducer):
+        assert tiny.model(**inputs).logits.shape[1] < stock.shape[1]
     tokred.unpatch(tiny.model)
     assert {name: (dict(m._forward_pre_hooks), sorted(vars(m))) for name, m in tiny.model.named_modules()} == modules
     assert torch.equal(tiny.model(**inputs).logits, stock)

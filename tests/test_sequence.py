@@ -10,7 +10,7 @@ from tokred.adapters.qwen3_vl import take_visual
 from tokred.compat import attention_mask
 from tokred.kernels import last_query_attention_reference as last_query_attention
 from tokred.methods import FastV, Random, Span, VisionTokens
-from tokred.stages.select import keep_mask
+from tokred.stages.select import choose
 from tokred.tokens import Selection
 
 
@@ -43,12 +43,15 @@ def test_fastv_takes_the_top_scores_in_order():
     assert FastV().select(_tokens(6, scores), 3, None).tolist() == [1, 3, 5]
 
 
-def test_keep_mask_respects_each_span():
+def test_choose_respects_each_span():
     spans = [[Span("image", torch.tensor([1, 2, 3, 4])), Span("image", torch.tensor([6, 7]))], []]
     scores = torch.arange(16.0).view(2, 8)
-    keep = keep_mask(FastV(keep=0.5), spans, torch.zeros(2, 8, 4), scores=scores)
-    assert keep[0].tolist() == [True, False, False, True, True, True, False, True]
-    assert keep[1].all()
+    selection = choose(FastV(keep=0.5), spans, torch.zeros(2, 8, 4), None, scores=scores)
+    # sample 1 keeps all 8 positions, so sample 0's 5 are padded with its 3 dropped ones as masked filler
+    assert selection.index.tolist() == [list(range(8))] * 2 and selection.merged == ()
+    assert selection.key_valid[0].tolist() == [True, False, False, True, True, True, False, True]
+    assert selection.key_valid[1].all()
+    assert choose(FastV(keep=1.0), spans, torch.zeros(2, 8, 4), None, scores=scores) is None
 
 
 def test_selection_pads_short_samples_with_masked_filler_and_drops_padding():

@@ -29,7 +29,7 @@ QUESTION = "what colour is the circle?"
 
 SQUARE = (112, 112)  # PIL (width, height)
 TALL = (56, 84)
-# Image tokens per image, worked out from each family's geometry (see tokred/zoo/builders.py):
+# Image tokens per image, worked out from each family's geometry (see tokred/zoo/families/):
 # LLaVA always 16; OneVision AnyRes 16 base + tiles + newlines; Qwen2 one token per 28x28 px,
 # Qwen3 one per 32x32 px (112 -> 128 px after rounding, 56x84 -> 64x96 px).
 IMAGE_TOKENS = {

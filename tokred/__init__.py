@@ -1,7 +1,7 @@
 """tokred: fewer vision tokens, cheaper caches and lighter weights for transformers VLMs, in one line."""
 
 from tokred.config import KV_SCHEMES, PRESETS, WEIGHT_BITS, Config
-from tokred.methods import METHODS, FastV, Random
+from tokred.methods import METHODS, FastV, KVScheme, Method, Random, TokenMerger, TokenReducer, WeightScheme
 from tokred.patch import patch, patched, stats, unpatch
 from tokred.stats import Stats
 
@@ -14,7 +14,12 @@ __all__ = [
     "WEIGHT_BITS",
     "Config",
     "FastV",
+    "KVScheme",
+    "Method",
     "Random",
+    "TokenMerger",
+    "TokenReducer",
+    "WeightScheme",
     "Stats",
     "patch",
     "patched",

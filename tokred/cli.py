@@ -93,7 +93,8 @@ def evaluate(args: argparse.Namespace) -> None:
     from tokred.zoo import card, load
     from tokred.zoo.checkpoints import model_type, resolve
 
-    settings = grid(args.methods, args.keep, args.recipes if args.recipes or args.methods else DEFAULT_RECIPES)
+    recipes = args.recipes if args.recipes or args.methods else DEFAULT_RECIPES
+    settings = grid(args.methods, args.keep, recipes, args.kv, args.weights)
     if args.model is None:
         args.model, warning = default_model()
         if warning:
@@ -193,8 +194,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         help=f"presets or recipe text, e.g. fastv:layer=3:keep=0.2 (without --methods: {' '.join(DEFAULT_RECIPES)})",
     )
-    eval_parser.add_argument("--kv", choices=KV_SCHEMES, default="none", help="KV-cache scheme (none yet)")
-    eval_parser.add_argument("--weights", choices=WEIGHT_BITS, default="none", help="weight bits (none yet)")
+    eval_parser.add_argument(
+        "--kv", default="none", help=f"KV-cache scheme for every setting but stock ({', '.join(KV_SCHEMES)})"
+    )
+    eval_parser.add_argument(
+        "--weights", default="none", help=f"weight scheme for every setting but stock ({', '.join(WEIGHT_BITS)})"
+    )
     eval_parser.add_argument(
         "--backend",
         choices=["tokred", "lmms-eval"],

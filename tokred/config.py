@@ -13,23 +13,30 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tokred.methods import METHODS, STAGES, FastV, Method, Random
+from tokred.methods import METHODS, STAGES, FastV, KVScheme, Method, Random, WeightScheme
 
 
 @dataclass(frozen=True)
 class Config:
-    """A recipe: at most one method per stage. `prune` takes one method or a sequence of them (kept in pipeline
-    order). Its text form: `str(config)`, read back by `Config.parse`."""
+    """A recipe: at most one method per stage. `prune` takes the token reducers (one or a sequence), `kv` a
+    KV scheme and `weights` a weight scheme; `prune` may also hold all of them as one list. Methods are kept
+    in pipeline order, so equal recipes compare equal. Its text form: `str(config)`, read back by `parse`."""
 
     prune: Method | Sequence[Method] = ()
+    kv: KVScheme | None = None
+    weights: WeightScheme | None = None
     methods: dict[str, Method] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         given = (self.prune,) if isinstance(self.prune, Method) else self.prune
         if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
             raise TypeError(f"Config.prune takes a method or a sequence of methods, got {self.prune!r}")
+        for name in ("kv", "weights"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, Method) or value.stage != name):
+                raise TypeError(f"Config.{name} takes a method of stage {name!r} (or None), got {value!r}")
         by_stage: dict[str, Method] = {}
-        for method in given:
+        for method in (*given, *(m for m in (self.kv, self.weights) if m is not None)):
             if not isinstance(method, Method):
                 raise TypeError(
                     f"Config.prune items must be method configs ({', '.join(sorted(METHODS))}), got {method!r}"
@@ -41,7 +48,9 @@ class Config:
                 )
             by_stage[method.stage] = method
         methods = {s: by_stage[s] for s in STAGES if s in by_stage}
-        object.__setattr__(self, "prune", tuple(methods.values()))  # pipeline order, so equal recipes compare equal
+        object.__setattr__(self, "prune", tuple(m for s, m in methods.items() if s not in ("kv", "weights")))
+        object.__setattr__(self, "kv", methods.get("kv"))
+        object.__setattr__(self, "weights", methods.get("weights"))
         object.__setattr__(self, "methods", methods)
 
     def __str__(self) -> str:
@@ -55,6 +64,13 @@ class Config:
             return PRESETS[text]
         return cls(prune=[_parse_method(part) for part in text.split("+")])
 
+    def with_schemes(self, kv: str = "none", weights: str = "none") -> Config:
+        """This recipe plus a KV scheme and a weight scheme given as text (``none``: leave that stage as it is);
+        ValueError listing the schemes for an unknown one."""
+        given = {"kv": kv, "weights": weights}
+        added = {stage: _parse_method(text, stage) for stage, text in given.items() if text != "none"}
+        return dataclasses.replace(self, **added) if added else self
+
 
 def _method_text(method: Method) -> str:
     defaults = type(method)()
@@ -66,8 +82,11 @@ def _method_text(method: Method) -> str:
     return method.name + "".join(changed)
 
 
-def _parse_method(text: str) -> Method:
+def _parse_method(text: str, stage: str | None = None) -> Method:
+    """One method from ``name:field=value:...``; with `stage` ("kv" or "weights") only that stage's schemes."""
     name, *assignments = text.split(":")
+    if stage is not None and name not in schemes(stage)[1:]:
+        raise ValueError(f"unknown {stage} scheme {text!r}; {_listing(stage)}")
     if name not in METHODS:
         raise ValueError(
             f"unknown preset or method {name!r} in recipe {text!r}; presets are: {', '.join(PRESETS)}; "
@@ -96,10 +115,23 @@ def _value(text: str) -> int | float | None | str:
     return text
 
 
-KV_SCHEMES: tuple[str, ...] = ("none",)
-"""KV-cache schemes a run may name (`tokred eval --kv`, the plugin's ``kv=``, the demo); "none" until kv/ lands."""
-WEIGHT_BITS: tuple[str, ...] = ("none",)
-"""Weight bit allocations a run may name, as for KV_SCHEMES; "none" until weights/ lands."""
+def schemes(stage: str) -> tuple[str, ...]:
+    """``none`` and the methods registered for `stage` ("kv" or "weights") now, by name."""
+    return ("none", *sorted(n for n, m in METHODS.items() if m.stage == stage))
+
+
+def _listing(stage: str) -> str:
+    known = schemes(stage)
+    if len(known) == 1:
+        return f"no {stage} scheme is built yet (only none)"
+    return f"{stage} schemes are: {', '.join(known)} (written name:field=value:...)"
+
+
+KV_SCHEMES: tuple[str, ...] = schemes("kv")
+"""KV-cache schemes a run may name (`tokred eval --kv`, the plugin's ``kv=``, the demo): tokred's registered ones."""
+WEIGHT_BITS: tuple[str, ...] = schemes("weights")
+"""Weight schemes a run may name, as for KV_SCHEMES."""
+
 
 PRESETS: dict[str, Config] = {
     **{f"random-{p}": Config(prune=Random(keep=p / 100)) for p in (75, 50, 25, 10)},

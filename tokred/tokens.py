@@ -48,15 +48,48 @@ class VisionTokens:
 
 
 @dataclass(frozen=True)
+class Merge:
+    """What a merging method returns for one span: the tokens whose slots survive, the rows they carry
+    instead of their own, and which surviving token each of the span's tokens went into."""
+
+    index: torch.Tensor  # (k,) long, ascending indices into the span of the tokens whose slots survive
+    rows: torch.Tensor  # (k, d) the rows those slots carry (e.g. the mean of their group)
+    groups: torch.Tensor  # (n,) long in [0, k): the surviving slot each token was merged into
+
+    def check(self, n: int, k: int, width: int) -> None:
+        """ValueError unless this is a well-formed merge of n tokens into k rows of `width`."""
+        index, groups = self.index.cpu(), self.groups.cpu()
+        if index.shape != (k,) or bool((index.diff() <= 0).any()) or bool(((index < 0) | (index >= n)).any()):
+            problem = f"index must be {k} ascending indices below {n}, got {index.tolist()}"
+        elif tuple(self.rows.shape) != (k, width):
+            problem = f"rows must have shape ({k}, {width}), got {tuple(self.rows.shape)}"
+        elif groups.shape != (n,) or bool(((groups < 0) | (groups >= k)).any()):
+            problem = f"groups must be {n} slots in [0, {k}), got {groups.tolist()}"
+        elif not torch.equal(groups[index], torch.arange(k)):
+            problem = "each surviving token must be in its own group"
+        else:
+            return
+        raise ValueError(f"a merge returned a malformed result: {problem}")
+
+
+@dataclass(frozen=True)
 class Selection:
     index: torch.Tensor  # (B, M) long, ascending positions into the old sequence
     key_valid: torch.Tensor  # (B, M) bool: False for filler, the slots that keep the batch rectangular
     has_filler: bool
     old_len: int
+    # Rows that replace the hidden states at kept positions (merges): (sample, old positions, rows) each.
+    merged: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor, padding_mask: torch.Tensor | None) -> Selection | None:
-        """Build from a (B, N) bool mask of kept positions and the 2D padding mask the model received.
+    def from_keep(
+        cls,
+        keep: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        merged: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = (),
+    ) -> Selection | None:
+        """Build from a (B, N) bool mask of kept positions, the 2D padding mask the model received and the
+        rows merges put at kept positions.
 
         None when every position stays, so the call is left untouched. Otherwise padding goes with the
         dropped tokens: it was masked out anyway, and the batch gets narrower.
@@ -71,7 +104,7 @@ class Selection:
         take = keep | (~keep & (dropped_rank <= (width - counts)[:, None]))
         index = take.nonzero()[:, 1].view(keep.shape[0], width)
         kept = keep.gather(1, index)
-        return cls(index, kept, bool((counts < width).any()), keep.shape[1])
+        return cls(index, kept, bool((counts < width).any()), keep.shape[1], merged)
 
     def extend(self, added: int) -> Selection:
         """The same cut of a sequence that grew by `added` tokens at its end, all of them kept."""
@@ -85,6 +118,7 @@ class Selection:
             torch.cat([self.key_valid, valid], 1),
             self.has_filler,
             self.old_len + added,
+            self.merged,
         )
 
     @property
@@ -106,6 +140,14 @@ class Selection:
     def take_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, ...) -> (B, M, ...)."""
         return self.take(x, seq_dim=1, batch_dim=0)
+
+    def cut_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) hidden states -> (B, M, d): merged rows written in at their positions, then the kept taken."""
+        if self.merged:
+            hidden = hidden.clone()
+            for b, positions, rows in self.merged:
+                hidden[b, positions.to(hidden.device)] = rows.to(hidden)
+        return self.take_hidden(hidden)
 
     def take_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """(B, N), (1, N) or (R, B, N) position ids -> the kept columns, batch made explicit."""

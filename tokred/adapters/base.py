@@ -43,6 +43,21 @@ class Adapter:
     def layers(self) -> nn.ModuleList:
         return self.language_model.layers
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (where the encoder stage acts)."""
+        return self.outer.vision_tower
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        """The vision encoder's transformer blocks, in order."""
+        return self.vision_tower.encoder.layers
+
+    @property
+    def projector(self) -> nn.Module:
+        """What turns vision features into LLM-width tokens (the projector or patch merger)."""
+        return self.outer.multi_modal_projector
+
     def attention(self, layer: int) -> nn.Module:
         """The self-attention module of LLM layer `layer` (where the llm stage captures q/k)."""
         return self.layers[layer].self_attn
@@ -127,6 +142,7 @@ class Adapter:
     def take_text_kwargs(self, kwargs: dict[str, Any], selection: Selection) -> None:
         """Cut family-specific LLM inputs that run along the sequence (e.g. Qwen3-VL deepstack), in place."""
 
-    def llm_stage_hooks(self, current: Callable[[], Selection | None]) -> list[Callable[[], None]]:
-        """Install what the llm stage needs beyond layer hooks; return the undo callbacks."""
+    def inner_cut_hooks(self, current: Callable[[], Selection | None]) -> list[Callable[[], None]]:
+        """Install what a cut inside the LLM needs beyond the layer hooks (extras the model adds along the
+        sequence in later layers); `current()` is the cut in effect, if any. Returns the undo callbacks."""
         return []

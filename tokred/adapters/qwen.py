@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
 from tokred import compat
 from tokred.adapters.base import Adapter
 
@@ -21,6 +23,18 @@ class QwenVLAdapter(Adapter):
     def __init__(self, model) -> None:
         super().__init__(model)
         self.encoded_grids: dict[str, list[Grid]] = {}
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.outer.visual
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.vision_tower.blocks
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.vision_tower.merger
 
     def _merged(self, grids) -> list[Grid]:
         merge = self.model.config.vision_config.spatial_merge_size

@@ -29,7 +29,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         if kwargs.get("deepstack_visual_embeds") is not None:
             kwargs["deepstack_visual_embeds"] = cut
 
-    def llm_stage_hooks(self, current: Callable[[], Selection | None]) -> list[Callable[[], None]]:
+    def inner_cut_hooks(self, current: Callable[[], Selection | None]) -> list[Callable[[], None]]:
         def deepstack(stock, hidden_states, visual_pos_masks, visual_embeds):
             selection = current()
             if selection is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:

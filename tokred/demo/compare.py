@@ -28,16 +28,12 @@ TASK = {"image": "shapes", "video": "motion"}
 """The synthetic task whose prompt format `tokred.zoo.prompts` uses for each medium."""
 
 
-def recipe(method: str, keep: float, kv: str = "none", weights: str = "none") -> tokred.Config | str:
+def recipe(method: str, keep: float, kv: str = "none", weights: str = "none") -> tokred.Config:
     """The demo's recipe controls as what `tokred.patch` takes; ValueError naming the allowed values."""
-    for name, value, allowed in (("KV scheme", kv, tokred.KV_SCHEMES), ("weight bits", weights, tokred.WEIGHT_BITS)):
-        if value not in allowed:
-            raise ValueError(f"{name} {value!r} is not supported yet; supported: {', '.join(allowed)}")
-    if method == STOCK:
-        return STOCK
-    if method not in tokred.METHODS:
+    if method != STOCK and method not in tokred.METHODS:
         raise ValueError(f"unknown method {method!r}; methods are: {STOCK}, {', '.join(sorted(tokred.METHODS))}")
-    return tokred.Config.parse(f"{method}:keep={float(keep)}")
+    config = tokred.Config() if method == STOCK else tokred.Config.parse(f"{method}:keep={float(keep)}")
+    return config.with_schemes(kv, weights)
 
 
 @dataclass

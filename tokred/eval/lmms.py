@@ -7,11 +7,12 @@ Registered through the ``lmms_eval.models`` entry point (pyproject.toml -> `lmms
 lmms-eval >= 0.7 reads when it starts. Prompts, media loading and decoding stay lmms-eval's; tokred only adds
 its hooks to the loaded model.
 Model args besides the base class's own: ``base`` (lmms-eval model name), ``recipe`` (preset or method name,
-default the family's recommended one), ``keep`` (with a method name), ``kv`` and ``weights`` (``none`` for now),
-and ``dtype`` (reload the weights at this dtype; lmms-eval's Qwen classes load bfloat16). ``pretrained`` may be a
-shipped tokred checkpoint name. ``device=cpu`` also sets ``device_map=cpu`` (the classes' default "auto" would
-place the model on a GPU) and a default ``dtype=float32``, what `tokred eval` runs on the CPU; otherwise the class
-places the model (one GPU per process under ``accelerate launch``) at its own dtype.
+default the family's recommended one), ``keep`` (with a method name), ``kv`` and ``weights`` (a scheme in
+``tokred.KV_SCHEMES`` / ``tokred.WEIGHT_BITS``, added to the recipe), and ``dtype`` (reload the weights at this
+dtype; lmms-eval's Qwen classes load bfloat16). ``pretrained`` may be a shipped tokred checkpoint name.
+``device=cpu`` also sets ``device_map=cpu`` (the classes' default "auto" would place the model on a GPU) and a
+default ``dtype=float32``, what `tokred eval` runs on the CPU; otherwise the class places the model (one GPU per
+process under ``accelerate launch``) at its own dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from lmms_eval.api.model import lmms
 
 import tokred
+from tokred.adapters import adapter_class
 from tokred.eval.lmms_run import BASE, base_for
 from tokred.zoo.checkpoints import model_type, resolve
 
@@ -70,15 +72,13 @@ def _patched_class(base: str) -> type:
             dtype: str | None = None,
             **kwargs: Any,
         ) -> None:
-            for name, value, allowed in (("kv", kv, tokred.KV_SCHEMES), ("weights", weights, tokred.WEIGHT_BITS)):
-                if value not in allowed:
-                    raise ValueError(f"{name}={value!r} is not available yet; allowed: {', '.join(allowed)}")
             config = recipe_config(recipe, keep)
             if str(kwargs.get("device", "")).startswith("cpu"):
                 kwargs.setdefault("device_map", "cpu")
                 dtype = dtype or "float32"  # bfloat16 would change a few answers from tokred eval's
             path = str(resolve(pretrained))
             family = model_type(path)
+            config = (config or tokred.Config.parse(adapter_class(family).recommended)).with_schemes(kv, weights)
             if base_for(family, path) != base:
                 raise ValueError(f"{pretrained} is a {family!r} checkpoint: use base={BASE[family]}, not base={base}")
             super().__init__(pretrained=path, **kwargs)

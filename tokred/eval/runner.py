@@ -37,9 +37,15 @@ class Setting:
 STOCK = Setting("stock", "none")
 
 
-def grid(methods: Sequence[str] = (), keeps: Sequence[float] = (), recipes: Sequence[str] = ()) -> list[Setting]:
+def grid(
+    methods: Sequence[str] = (),
+    keeps: Sequence[float] = (),
+    recipes: Sequence[str] = (),
+    kv: str = "none",
+    weights: str = "none",
+) -> list[Setting]:
     """Stock, then each method at each keep ratio, then each recipe (a preset or recipe text, see
-    `tokred.Config`); clear errors for unknown names."""
+    `tokred.Config`), each but stock with the `kv` and `weights` schemes added; clear errors for unknown names."""
     unknown = [m for m in methods if m not in tokred.METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(sorted(tokred.METHODS))}")
@@ -50,15 +56,17 @@ def grid(methods: Sequence[str] = (), keeps: Sequence[float] = (), recipes: Sequ
             "--keep needs --methods, the methods to run at those ratios "
             f"(methods are: {', '.join(sorted(tokred.METHODS))})"
         )
+    tokred.Config().with_schemes(kv, weights)  # an unknown scheme is refused even with no recipe to add it to
+    named = [(f"{m} keep {k:g}", f"{m}:keep={k}") for m in methods for k in keeps] + [(t, t) for t in recipes]
     settings = [STOCK]
-    settings += [Setting(f"{m} keep {k:g}", tokred.Config.parse(f"{m}:keep={k}"), m, k) for m in methods for k in keeps]
-    for text in recipes:
+    for name, text in named:
         try:
             config = tokred.Config.parse(text)
         except (ValueError, TypeError) as error:
             raise ValueError(f"unknown recipe {text!r}: {error}") from error
+        config = config.with_schemes(kv, weights)
         method = "+".join(m.name for m in config.prune) or "stock"
-        settings.append(Setting(text, config, method, config.prune[-1].keep if config.prune else 1.0))
+        settings.append(Setting(name, config, method, config.prune[-1].keep if config.prune else 1.0))
     return settings
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from tokred.tokens import VisionTokens
+from tokred.tokens import Merge, VisionTokens
 
 STAGES = ("frames", "encoder", "pre_llm", "llm", "kv", "weights")
 
@@ -18,7 +20,8 @@ METHODS: dict[str, type[Method]] = {}
 @dataclass(frozen=True)
 class Method:
     """Base of every method: its config fields are the dataclass fields, its name and stage class constants
-    (set by `register`). Kinds below it say what a method does; today: `TokenReducer`."""
+    (set by `register`). Kinds below it say what a method does: `TokenReducer` (and `TokenMerger`) for the
+    token stages, `KVScheme` for the kv stage, `WeightScheme` for the weights stage."""
 
     stage: ClassVar[str]
     name: ClassVar[str]
@@ -32,6 +35,10 @@ class Method:
     def idle(self) -> bool:
         """True when the method can change nothing, so its stage is skipped and outputs stay bit-identical."""
         return False
+
+    def as_idle(self) -> Method:
+        """This method set to change nothing (the conformance tests hold it to bit-identical outputs)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,50 @@ class TokenReducer(Method):
     def idle(self) -> bool:
         return self.keep_tokens is None and self.keep == 1.0
 
+    def as_idle(self) -> TokenReducer:
+        return dataclasses.replace(self, keep=1.0, keep_tokens=None)
+
     def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
         """Return the ascending indices (into the span) of the k tokens to keep."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TokenMerger(TokenReducer):
+    """A token reducer whose dropped tokens live on in the kept ones: `merge` says which k slots survive,
+    the rows they carry (e.g. the mean of their group) and which slot each token went into."""
+
+    def merge(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> Merge:
+        raise NotImplementedError
+
+    def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
+        return self.merge(tokens, k, generator).index
+
+
+@dataclass(frozen=True)
+class KVScheme(Method):
+    """How the KV cache stores keys and values; the kv stage generates with the cache `make_cache` returns."""
+
+    def make_cache(self, config: Any) -> Any:
+        """A transformers Cache for a model with this text config."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class WeightScheme(Method):
+    """Bit widths for the LLM's linear layers; the weights stage quantizes each to its width at patch time."""
+
+    def bit_map(self, model: nn.Module) -> dict[str, int]:
+        """Qualified name of each linear layer to quantize -> its bit width."""
+        raise NotImplementedError
+
+
+KINDS: dict[str, type[Method]] = {
+    **{stage: TokenReducer for stage in ("frames", "encoder", "pre_llm", "llm")},
+    "kv": KVScheme,
+    "weights": WeightScheme,
+}
+"""Stage -> the kind its methods must be."""
 
 
 def register(name: str, stage: str):
@@ -81,6 +129,8 @@ def register(name: str, stage: str):
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
     def wrap(cls: type[Method]) -> type[Method]:
+        if not issubclass(cls, KINDS[stage]):
+            raise TypeError(f"a method for stage {stage!r} must be a {KINDS[stage].__name__}, not {cls.__name__}")
         cls.name, cls.stage = name, stage
         METHODS[name] = cls
         return cls

@@ -2,7 +2,8 @@
 
 The session opens a Call at each prefill; stages read the LLM's keyword arguments from it, record their
 cuts in it (which remaps the spans, extends the chain of index maps back to `input_ids` and fills the
-stats) and keep their own per-call values under `state[stage name]`.
+stats), post signals a later stage may read (`signals`, named below) and keep their own per-call values
+under `state[stage name]`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 
 from tokred.stats import Stats
 from tokred.tokens import Selection, Span
+
+LAST_QUERY = "last_query"
+"""Signal: (B, N) attention of each sample's last text query over the sequence at the llm stage's layer K."""
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Call:
     given: dict[str, Selection | None] = field(default_factory=dict)  # cuts to reuse instead of choosing
     selections: dict[str, Selection | None] = field(default_factory=dict)  # each stage's cut, None: kept all
     maps: list[torch.Tensor] = field(default_factory=list)  # each cut's index, oldest first
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # what a stage measured, for later ones
     state: dict[str, Any] = field(default_factory=dict)  # per-stage values for this call
 
     def cut(self, stage: str, selection: Selection | None, layer: int = 0) -> None:

@@ -19,8 +19,8 @@ from tokred.adapters.base import Adapter
 from tokred.kernels import last_query_attention
 from tokred.methods.base import Method
 from tokred.stages.base import Stage, runtime
-from tokred.stages.call import Call
-from tokred.stages.select import keep_mask
+from tokred.stages.call import LAST_QUERY, Call
+from tokred.stages.select import choose
 from tokred.tokens import Selection
 
 CAPTURE = "tokred_capture"
@@ -49,7 +49,6 @@ class Pass:
 
     text_mask: torch.Tensor | None  # the LLM's 2D padding mask (after any earlier cut)
     seq_len: int  # the prefill's length at layer K
-    scores: torch.Tensor | None = None  # (B, N) last-query attention at layer K
     selection: Selection | None = None  # the cut, once made
     active: bool = True  # False once the cut turned out to keep everything
     pending: bool = True  # the next layer hook of this forward has to work out what to change
@@ -91,7 +90,7 @@ class LLMStage(Stage):
             state = self._state()
             return state.selection if state is not None else None
 
-        undo += self.adapter.llm_stage_hooks(cut)
+        undo += self.adapter.inner_cut_hooks(cut)
         return undo
 
     def _state(self) -> Pass | None:
@@ -126,7 +125,7 @@ class LLMStage(Stage):
         else:
             last = (state.text_mask.bool() * torch.arange(state.seq_len, device=query.device)).argmax(1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        state.scores = last_query_attention(query, key, last, state.text_mask, scale)
+        call.signals[LAST_QUERY] = last_query_attention(query, key, last, state.text_mask, scale)
 
     def _before_layer(self, module, args: tuple, kwargs: dict[str, Any]):
         """Pre-hook of every layer after K; the first one of each forward works out what to change."""
@@ -142,7 +141,7 @@ class LLMStage(Stage):
                 if state.selection is None:  # every token stays: leave this call untouched
                     state.active = False
                     return None
-                hidden = state.selection.take_hidden(hidden)
+                hidden = state.selection.cut_hidden(hidden)
             else:
                 state.override = self._carry(state, kwargs)
         kwargs.update(state.override)
@@ -156,8 +155,7 @@ class LLMStage(Stage):
         call = self.current()
         selection = call.given.get(self.name)
         if selection is None:
-            keep = keep_mask(self.method, call.spans, hidden, state.scores)
-            selection = Selection.from_keep(keep, state.text_mask)
+            selection = choose(self.method, call.spans, hidden, state.text_mask, call.signals.get(LAST_QUERY))
         state.selection = selection
         call.cut(self.name, selection, layer=self.layer + 1)
         if selection is None:

@@ -11,8 +11,7 @@ import torch
 
 from tokred.stages.base import Stage, runtime
 from tokred.stages.call import Call
-from tokred.stages.select import keep_mask
-from tokred.tokens import Selection
+from tokred.stages.select import choose
 
 
 @runtime
@@ -25,14 +24,14 @@ class PreLLMStage(Stage):
         embeds = kwargs["inputs_embeds"]
         selection = call.given.get(self.name)
         if selection is None:
-            selection = Selection.from_keep(keep_mask(self.method, call.spans, embeds), kwargs.get("attention_mask"))
+            selection = choose(self.method, call.spans, embeds, kwargs.get("attention_mask"))
         call.cut(self.name, selection)
         if selection is None:
             return
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None]
-        kwargs["inputs_embeds"] = selection.take_hidden(embeds)
+        kwargs["inputs_embeds"] = selection.cut_hidden(embeds)
         kwargs["position_ids"] = selection.take_positions(position_ids)
         kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"))
         self.adapter.take_text_kwargs(kwargs, selection)
