@@ -18,7 +18,7 @@ from tokred.zoo.datasets import COLOURS, common, motion, shapes
 
 N_SHAPES = 100
 N_MOTION = 40
-SIZE = 448  # ShapesVQA canvas (default)
+SIZE = 224  # ShapesVQA canvas (default)
 FRAMES = 16  # MotionVQA clip length (default)
 
 
@@ -158,11 +158,13 @@ def test_shapes_answers_follow_from_the_scene(shape_samples):
 
 def test_shapes_mix_of_templates_and_answers(shape_samples):
     records = [record for record, _ in shape_samples]
-    assert {r["type"] for r in records} == set(shapes.TYPES)
+    assert {r["type"] for r in records} == set(shapes.DEFAULT_TYPES)
     assert {r["answer"] for r in records if r["type"] == "exists"} == {"yes", "no"}
-    counts = [r["answer"] for r in records if r["type"] == "count"]
-    assert {"0", "1", "2", "3"} <= set(counts)
     assert len({r["question"] for r in records}) > 30
+    counts = [datasets.sample("shapes", "test", i, types=shapes.TYPES)[0] for i in range(200)]
+    assert {"0", "1", "2", "3"} <= {r["answer"] for r in counts if r["type"] == "count"}
+    for record in counts:
+        assert (record["answer"], record["targets"]) == solve_shapes(record["question"], record["objects"])
 
 
 def test_about_smallest_share_is_exact(shape_samples):
@@ -238,7 +240,7 @@ def test_motion_answers_follow_from_the_tracks(motion_samples):
     for record, frames in motion_samples:
         assert (record["answer"], record["targets"]) == solve_motion(record["question"], record["objects"])
         assert record["answer"] in motion.ANSWERS and record["frames"] == len(frames) == FRAMES
-    assert {record["type"] for record, _ in motion_samples} == set(motion.TYPES)
+    assert {record["type"] for record, _ in motion_samples} == set(motion.DEFAULT_TYPES)
 
 
 def test_motion_objects(motion_samples):
@@ -311,4 +313,18 @@ def test_scene_questions_are_all_answered_correctly(kind, shape_samples, motion_
         for q in found:
             assert (q["answer"], q["targets"]) == solve(q["question"], record["objects"])
     types = {q["type"] for record, _ in samples for q in datasets.questions(kind, record, rng)}
-    assert types == set(datasets.KINDS[kind].TYPES)
+    assert types == set(datasets.KINDS[kind].DEFAULT_TYPES)
+
+
+def test_objects_cover_a_minority_of_the_tokens_and_the_smallest_one_or_two(shape_samples, motion_samples):
+    """What pruning must find is small: in every scene (and every clip slot) objects paint under half of the
+    LLM's 28 px token cells, and ShapesVQA's smallest object sits in one or two of them."""
+    from tokred.zoo.datasets.cells import coverage
+
+    for record, image in shape_samples:
+        shares = coverage(record, (1, 8, 8), image.width)
+        assert (shares.max(0) > 0).mean() < 0.5
+        assert 1 <= (shares[shapes.smallest(record["objects"])] > 0).sum() <= 2
+    for record, frames in motion_samples:
+        shares = coverage(record, (FRAMES // 2, 8, 8), frames[0].width).reshape(-1, FRAMES // 2, 64)
+        assert ((shares.max(0) > 0).mean(1) < 0.5).all()

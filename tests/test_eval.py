@@ -7,9 +7,12 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import tokred
 import tokred.eval.runner
 from tokred.cli import main
 from tokred.eval import STOCK, evaluate, grid, questions
@@ -49,7 +52,7 @@ def test_runner_scores_like_training_on_the_same_questions(checkpoint):
     """Files on disk and samples drawn in memory give the same questions, prompts and answers."""
     model, processor = load(checkpoint)
     (row,) = evaluate(model, processor, [STOCK], ["shapes"], limit=6, batch_size=6)
-    assert row.accuracy == accuracy(model, processor, "shapes", 6, seed=0, batch_size=6)
+    assert row.accuracy == accuracy(model, processor, "shapes", 6, seed=0, batch_size=6)["all"]
     assert [q.record["id"] for q in questions("shapes", 6)] == [f"test_{i:06d}" for i in range(6)]
 
 
@@ -200,3 +203,74 @@ def test_progress_off_a_terminal_is_one_line_per_setting(checkpoint, tmp_path, c
     assert "\r" not in out and "\r" not in err
     lines = re.findall(r"^(\w+)  (\S+)  2 questions  acc [01]\.\d{3}  \d+\.\d s$", err, re.MULTILINE)
     assert lines == [(t, s) for t in ("shapes", "motion") for s in ("stock", "fastv-25")]
+
+
+def test_agreement_and_answer_kl_compare_with_stock():
+    from tokred.eval.runner import compare
+
+    def row(answers, accuracy):
+        return tokred.eval.runner.Row(
+            "shapes",
+            "s",
+            "m",
+            1.0,
+            len(answers),
+            accuracy,
+            None,
+            None,
+            None,
+            None,
+            None,
+            {},
+            0,
+            0,
+            0,
+            0,
+            None,
+            0,
+            answers,
+        )
+
+    stock, other = row(["red", "blue", "yes"], 0.5), row(["red", "star", "yes"], 0.25)
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]).log()
+    q = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.2, 0.8]]).log()
+    compare(other, q, stock, p)
+    assert other.agreement == 2 / 3 and other.relative_accuracy == 0.5
+    expected = (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 3  # only the second answer differs
+    assert other.answer_kl == pytest.approx(expected)
+
+
+def test_target_recall_counts_the_tokens_of_the_objects_asked_about():
+    """A hand-made 224 px scene on an 8x8 token grid: a 24 px square inside cell (1, 1), a 52 px circle over
+    cells (4..5, 5..6); the question is about the square."""
+    from tokred.eval.runner import target_counts
+    from tokred.eval.tasks import Question
+    from tokred.zoo.datasets.cells import coverage, target_tokens
+
+    square = {"shape": "square", "colour": "red", "cx": 42, "cy": 42, "size": 24}
+    circle = {"shape": "circle", "colour": "blue", "cx": 168, "cy": 140, "size": 52}
+    record = {"objects": [square, circle], "targets": [0], "question": "what colour is the square?"}
+    shares = coverage(record, (1, 8, 8), 224).reshape(2, 8, 8)
+    assert shares[0].nonzero() == (np.array([1]), np.array([1])) and shares[0, 1, 1] == pytest.approx(24 * 24 / 784)
+    assert sorted(zip(*shares[1].nonzero(), strict=True)) == [(4, 5), (4, 6), (5, 5), (5, 6)]
+    assert target_tokens(record, (1, 8, 8), 224).nonzero()[0].tolist() == [9]
+    both = dict(record, targets=[0, 1])
+    assert target_tokens(both, (1, 8, 8), 224).nonzero()[0].tolist() == [9, 37, 38, 45, 46]
+
+    question = Question(both, Image.new("RGB", (224, 224)))
+    stats = tokred.Stats(media=[[("image", (1, 8, 8))]])
+    stats.record("input", [torch.arange(10, 74)])  # the image's 64 tokens sit at input positions 10..73
+    stats.record("pre_llm", [torch.tensor([19, 47, 48, 60])])  # keeps cell 9 and cells 37, 38 of the circle
+    assert target_counts(stats, [question]) == {"input": (5, 5), "pre_llm": (3, 5)}
+    nothing = Question(dict(record, targets=[]), question.media)  # e.g. "is there a green star?" -> no
+    assert target_counts(stats, [nothing]) == {"input": (0, 0), "pre_llm": (0, 0)}
+
+
+def test_rows_carry_agreement_kl_and_target_recall(checkpoint):
+    model, processor = load(checkpoint)
+    stock, random = evaluate(model, processor, grid(["random"], [0.25]), ["shapes"], limit=6, batch_size=3)
+    assert stock.agreement is None and stock.answer_kl is None
+    assert stock.target_recall == 1.0 and stock.target_recall_by_stage == {"input": 1.0}
+    assert 0 <= random.agreement <= 1 and random.answer_kl >= 0
+    assert set(random.target_recall_by_stage) == {"input", "pre_llm"}
+    assert random.target_recall == random.target_recall_by_stage["pre_llm"] < 1.0

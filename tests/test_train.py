@@ -1,4 +1,5 @@
-"""The training script's pieces: labels cover exactly the answers, probe targets follow the scene."""
+"""The training script's pieces: labels cover exactly the answers, batches are one stream, and the curriculum's
+symbols, hooks and parameter split do what its stages need."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor
 
+from tokred.adapters import adapter_for
 from tokred.zoo import build
-from tokred.zoo.datasets import COLOURS, SHAPES, sample
+from tokred.zoo.curriculum import Symbols, quadrant_word, symbolic_inputs, vision_rows
+from tokred.zoo.datasets import sample
+from tokred.zoo.datasets.cells import owners
 from tokred.zoo.prompts import chat
-from tokred.zoo.train import Batches, batch_inputs, probe_targets, token_grid, turns_for
+from tokred.zoo.train import Batches, batch_inputs, token_grid, trainable, turns_for
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
@@ -21,14 +25,14 @@ def test_labels_are_the_answer_tokens_of_every_turn(tmp_path, family, kind):
         pytest.skip("LLaVA-1.5 takes no video")
     processor = AutoProcessor.from_pretrained(build(family, tmp_path / family))
     rng = np.random.default_rng(0)
-    records = [sample(kind, "train", i) for i in (0, 1, 3)]  # scenes with at least 3 other questions
-    items = [(turns_for(kind, r, rng, limit), m) for limit, (r, m) in zip((1, 3, 4), records, strict=True)]
+    records = [sample(kind, "train", i) for i in (0, 1, 3)]  # scenes with at least 2 other questions
+    items = [(turns_for(kind, r, rng, limit), m) for limit, (r, m) in zip((1, 2, 3), records, strict=True)]
     inputs = batch_inputs(processor, kind, items, train=True)
     eos = processor.tokenizer.eos_token
     for b, (turns, _) in enumerate(items):
         target = inputs["labels"][b][inputs["labels"][b] != -100]
         assert processor.tokenizer.decode(target) == "".join(t["answer"] + eos for t in turns)
-    assert [len(t) for t, _ in items] == [1, 3, 4]
+    assert [len(t) for t, _ in items] == [1, 2, 3]
     prompts = batch_inputs(processor, kind, items, train=False)
     assert "labels" not in prompts
     text = processor.decode(prompts["input_ids"][2], skip_special_tokens=False)
@@ -46,42 +50,6 @@ def test_turns_start_with_the_record_and_never_repeat():
         assert len({t["question"] for t in turns}) == len(turns)
 
 
-def test_probe_targets_weigh_each_object_by_the_pixels_it_covers():
-    record, image = sample("shapes", "train", 0)
-    weights, labels, quadrants = probe_targets(record, (1, 16, 16), image.width)
-    assert weights.shape == (len(record["objects"]), 256) and quadrants.shape == (256,)
-    pixels = np.asarray(image).astype(int)
-    for o, w, label in zip(record["objects"], weights, labels, strict=True):
-        assert label.tolist() == [list(COLOURS).index(o["colour"]), SHAPES.index(o["shape"])]
-        # The weights are the share of each 28 px cell painted in the object's exact colour.
-        painted = (pixels == COLOURS[o["colour"]]).all(-1)
-        box = np.zeros_like(painted)
-        half = o["size"] // 2 + 1
-        box[o["cy"] - half : o["cy"] + half + 1, o["cx"] - half : o["cx"] + half + 1] = True
-        share = torch.from_numpy(painted & box).float().reshape(16, 28, 16, 28).mean(dim=(1, 3)).reshape(-1)
-        torch.testing.assert_close(w, share)
-    quadrants = quadrants.reshape(16, 16)
-    assert [quadrants[0, 0], quadrants[0, 15], quadrants[15, 0], quadrants[8, 8], quadrants[7, 8]] == [0, 1, 2, 3, 1]
-    with pytest.raises(ValueError, match="does not tile a 448 px square"):
-        probe_targets(record, (1, 15, 15), image.width)
-
-
-def test_probe_targets_follow_a_clip_over_time():
-    record, frames = sample("motion", "train", 3)
-    weights, labels, _ = probe_targets(record, (8, 8, 8), frames[0].width)
-    rows = iter(zip(weights.reshape(-1, 8, 8, 8), labels, strict=True))
-    for o in record["objects"]:
-        for slot in range(8):
-            if not o["appear"] <= 2 * slot < o["disappear"]:
-                continue
-            w, label = next(rows)
-            assert label[1] == SHAPES.index(o["shape"])
-            assert w.sum(dim=(1, 2)).nonzero().flatten().tolist() == [slot]  # only its own slot
-            x, y = o["track"][2 * slot]
-            assert w[slot, y // 28, x // 28] > 0  # the cell holding its centre in that frame
-    assert next(rows, None) is None
-
-
 def test_token_grid():
     _, frames = sample("motion", "train", 0)
     assert token_grid(128, frames) == (8, 4, 4)
@@ -91,18 +59,90 @@ def test_token_grid():
 
 
 def test_batches_are_the_same_stream_for_any_number_of_workers(tmp_path):
-    processor = AutoProcessor.from_pretrained(build("qwen2_5_vl", tmp_path / "q"))
+    processor = AutoProcessor.from_pretrained(build("qwen2_5_vl", tmp_path / "q", image_size=448))
     ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
     batches = Batches(processor, ["shapes", "motion"], 2, 3, seed=0, first=10, vision_ids=ids)
     alone = [batches.batch(step) for step in range(4)]
     loader = DataLoader(batches, batch_size=None, num_workers=2)
-    for (kind, inputs, targets), (kind2, inputs2, targets2) in zip(alone, loader, strict=False):
-        assert kind == kind2 and torch.equal(inputs["input_ids"], inputs2["input_ids"])
-        assert all(torch.equal(a, b) for a, b in zip(targets, targets2, strict=True))
-        assert int((inputs["labels"] != -100).sum()) > 0
-    assert [kind for kind, _, _ in alone] == ["shapes", "motion", "shapes", "motion"]
-    weights, labels, quadrants = alone[0][2]
-    n_shapes = int((alone[0][1]["input_ids"] == ids[0]).sum())
-    assert weights.shape[1] == len(quadrants) == n_shapes  # one probe column per vision token, in batch order
-    objects = sum(len(sample("shapes", "train", 10 + i)[0]["objects"]) for i in range(2))
-    assert len(labels) == weights.shape[0] == objects  # one row per object of the two images
+    for one, other in zip(alone, loader, strict=False):
+        assert one.kind == other.kind and torch.equal(one.inputs["input_ids"], other.inputs["input_ids"])
+        assert one.records == other.records and one.grids == other.grids
+        assert int((one.inputs["labels"] != -100).sum()) > 0
+    assert [b.kind for b in alone] == ["shapes", "motion", "shapes", "motion"]
+    assert alone[0].grids == [(1, 8, 8)] * 2 and alone[1].grids == [(8, 8, 8)] * 2 and alone[1].size == 224
+    assert [r["id"] for r in alone[2].records] == ["train_000014", "train_000015"]  # media 10 + 2 * step
+
+
+@pytest.fixture(scope="module")
+def tiny_trainee(tmp_path_factory):
+    """A model of the training script's layout (small), its processor and one batch."""
+    from transformers import AutoModelForImageTextToText
+
+    path = build("qwen2_5_vl", tmp_path_factory.mktemp("t") / "q", image_size=448)
+    model = AutoModelForImageTextToText.from_pretrained(path).train()
+    processor = AutoProcessor.from_pretrained(path)
+    ids = list(adapter_for(model).token_ids().values())
+    return model, processor, Batches(processor, ["shapes"], 2, 2, seed=0, first=0, vision_ids=ids).batch(0)
+
+
+def test_symbols_are_the_words_of_the_object_in_each_cell(tiny_trainee):
+    model, processor, batch = tiny_trainee
+    symbols = Symbols(model.get_input_embeddings(), processor.tokenizer)
+    record, grid = batch.records[0], batch.grids[0]
+    rows, owner = symbols.rows(record, grid, batch.size), owners(record, grid, batch.size)
+    assert rows.shape == (64, model.config.get_text_config().hidden_size)
+    assert not rows[owner < 0].any() and (owner >= 0).sum() > 0
+    for token in (owner >= 0).nonzero()[0]:
+        o = record["objects"][owner[token]]
+        words = [o["colour"], o["shape"], quadrant_word(o["cx"], o["cy"], batch.size)]
+        ids = [processor.tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words]
+        expected = sum(model.get_input_embeddings().weight[i].mean(0) for i in ids)
+        torch.testing.assert_close(rows[token], expected)
+
+
+def test_the_symbolic_stage_feeds_the_llm_symbols_and_trains_only_its_side(tiny_trainee):
+    model, processor, batch = tiny_trainee
+    adapter = adapter_for(model)
+    symbols = Symbols(model.get_input_embeddings(), processor.tokenizer)
+    rows = symbols.batch(batch.records, batch.grids, batch.size)
+    seen = []
+    handle = adapter.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True,
+    )
+    try:
+        with symbolic_inputs(adapter, lambda: rows):
+            model(**batch.inputs)
+    finally:
+        handle.remove()
+    vision = batch.inputs["input_ids"] == model.config.image_token_id
+    torch.testing.assert_close(seen[0][vision], rows)
+    vision_params = {id(p) for m in (adapter.vision_tower, adapter.projector) for p in m.parameters()}
+    for stage, expect in (("symbolic", False), ("align", True)):
+        chosen = trainable(model, stage)
+        assert chosen and all((id(p) in vision_params) == expect for p in chosen)
+        assert all(p.requires_grad == (id(p) in {id(q) for q in chosen}) for p in model.parameters())
+    assert len(trainable(model, "joint")) == len(list(model.parameters()))
+
+
+def test_the_align_stage_reads_the_vision_tokens_without_running_the_llm(tiny_trainee):
+    model, _, batch = tiny_trainee
+    adapter = adapter_for(model)
+    layers = []
+    handle = adapter.layers[0].register_forward_pre_hook(lambda *a: layers.append(1))
+    try:
+        out = vision_rows(model, adapter, batch.inputs)
+    finally:
+        handle.remove()
+    assert not layers and out.shape == (128, model.config.get_text_config().hidden_size)
+    with torch.no_grad():  # the same rows the full forward hands the LLM
+        embeds = []
+        handle = adapter.layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs: embeds.append(kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
+        try:
+            model(**batch.inputs)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(out.detach(), embeds[0][batch.inputs["input_ids"] == model.config.image_token_id])

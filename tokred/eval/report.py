@@ -20,6 +20,9 @@ COLUMNS = (
     ("accuracy", "accuracy", "{:.3f}"),
     ("relative_accuracy", "vs stock", "{:.3f}"),
     ("smallest_accuracy", "on smallest object", "{:.3f}"),
+    ("agreement", "agrees with stock", "{:.3f}"),
+    ("answer_kl", "answer KL", "{:.3f}"),
+    ("target_recall", "target recall", "{:.3f}"),
     ("vision_tokens_kept", "vision tokens kept", "{:.1f}"),
     ("ttft_ms", "TTFT ms/batch", "{:.1f}"),
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
@@ -63,36 +66,59 @@ def write(rows: Sequence[Row], out: str | Path, run: dict) -> dict[str, Path]:
     data = {"run": run, "environment": environment(), "rows": [r.as_dict() for r in rows]}
     paths["json"].write_text(json.dumps(data, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0].as_dict() if k != "answers"], extrasaction="ignore")
+        json_only = ("answers", "target_recall_by_stage")
+        writer = csv.DictWriter(
+            f, fieldnames=[k for k in rows[0].as_dict() if k not in json_only], extrasaction="ignore"
+        )
         writer.writeheader()
         writer.writerows(r.as_dict() for r in rows)
     plot(rows, paths["png"])
     return paths
 
 
+PANELS = (
+    ("accuracy", "accuracy", (0, 1.02)),
+    ("agreement", "agrees with stock", (0, 1.02)),
+    ("answer_kl", "answer KL vs stock (nats)", None),
+    ("target_recall", "target recall", (0, 1.02)),
+)
+"""The plot's rows: each measure against the vision tokens kept."""
+
+
 def plot(rows: Sequence[Row], path: Path) -> None:
-    """Accuracy vs vision tokens kept, one panel per task, one line per method, stock as a dashed level."""
+    """Each measure (a row of panels) against vision tokens kept, one panel per task, one line per method,
+    stock as a dashed level where the measure has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     tasks = list(dict.fromkeys(r.task for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        task_rows = [r for r in rows if r.task == task]
-        for method in dict.fromkeys(r.method for r in task_rows):
-            points = sorted((r.vision_tokens_kept, r.accuracy) for r in task_rows if r.method == method)
-            if method == "stock":
-                (x, y), label = points[0], f"stock ({points[0][0]:.0f} tokens)"
-                ax.axhline(y, color="black", linestyle="--", linewidth=1)
-                ax.plot([x], [y], "k*", markersize=10, label=label)
-                continue
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=method)
-        ax.set(title=task, xlabel="vision tokens kept per question (mean)", ylabel="accuracy", ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+    fig, axes = plt.subplots(len(PANELS), len(tasks), figsize=(5.5 * len(tasks), 3.6 * len(PANELS)), squeeze=False)
+    for (key, label, ylim), panel in zip(PANELS, axes, strict=True):
+        for ax, task in zip(panel, tasks, strict=True):
+            task_rows = [r for r in rows if r.task == task]
+            for method in dict.fromkeys(r.method for r in task_rows):
+                points = sorted(
+                    (r.vision_tokens_kept, getattr(r, key))
+                    for r in task_rows
+                    if r.method == method and getattr(r, key) is not None
+                )
+                if not points:
+                    continue
+                if method == "stock":
+                    (x, y), name = points[0], f"stock ({points[0][0]:.0f} tokens)"
+                    ax.axhline(y, color="black", linestyle="--", linewidth=1)
+                    ax.plot([x], [y], "k*", markersize=10, label=name)
+                    continue
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", label=method)
+            ax.set(title=task, xlabel="vision tokens kept per question (mean)", ylabel=label)
+            if ylim:
+                ax.set_ylim(*ylim)
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -21,6 +21,7 @@ import tokred
 from tokred import compat
 from tokred.eval.tasks import Question, check, questions
 from tokred.measure import StepClock, kv_bytes
+from tokred.zoo.datasets.cells import target_tokens
 from tokred.zoo.prompts import generate_answers
 
 
@@ -82,6 +83,10 @@ class Row:
     accuracy: float
     relative_accuracy: float | None
     smallest_accuracy: float | None  # on the questions about each scene's smallest object (ShapesVQA)
+    agreement: float | None  # share of answers equal to stock's (None for stock itself)
+    answer_kl: float | None  # mean KL(stock || this) of the first answer token's distribution, in nats
+    target_recall: float | None  # share of the tokens covering the question's objects that reach the LLM
+    target_recall_by_stage: dict[str, float]  # the same after each stage that ran (JSON only)
     vision_tokens_in: float
     vision_tokens_kept: float
     ttft_ms: float  # mean over batches: from generate() to the first token's logits, vision encoder included
@@ -117,13 +122,14 @@ def evaluate(
         items = questions(task, limit, seed)
         batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         bar = tqdm(total=len(batches) * len(settings), desc=task, disable=not drawn, unit="batch")
-        stock: float | None = None
+        stock: tuple[Row, torch.Tensor] | None = None
         for setting in settings:
             start = time.perf_counter()
-            row = _run(model, processor, task, setting, batches, max_new_tokens, bar)
+            row, logprobs = _run(model, processor, task, setting, batches, max_new_tokens, bar)
             if setting.method == "stock" and stock is None:
-                stock = row.accuracy
-            row.relative_accuracy = row.accuracy / stock if stock else None
+                stock = row, logprobs
+            elif stock is not None:
+                compare(row, logprobs, *stock)
             rows.append(row)
             if progress and not drawn:
                 seconds = time.perf_counter() - start
@@ -133,17 +139,31 @@ def evaluate(
     return rows
 
 
+def compare(row: Row, logprobs: torch.Tensor, stock: Row, stock_logprobs: torch.Tensor) -> None:
+    """Fill in what `row` keeps of the stock run: relative accuracy, agreement and the first answer token's KL."""
+    row.relative_accuracy = row.accuracy / stock.accuracy if stock.accuracy else None
+    row.agreement = sum(a == b for a, b in zip(row.answers, stock.answers, strict=True)) / len(row.answers)
+    kl = (stock_logprobs.exp() * (stock_logprobs - logprobs)).sum(-1)
+    row.answer_kl = float(kl.mean())
+
+
 def bars() -> bool:
     """Progress as tqdm bars on a terminal or notebook; elsewhere (CI, log files) as lines, not piled-up bar frames."""
     return sys.stderr.isatty() or issubclass(tqdm, notebook.tqdm)
 
 
-def _run(model, processor, task: str, setting: Setting, batches: list[list[Question]], max_new_tokens: int, bar) -> Row:
+def _run(
+    model, processor, task: str, setting: Setting, batches: list[list[Question]], max_new_tokens: int, bar
+) -> tuple[Row, torch.Tensor]:
+    """One setting over the batches: its row (the comparisons with stock left empty) and the first answer
+    token's log-probabilities per question."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     correct = n = vision_in = vision_kept = kv = 0
     given: list[str] = []
     small: list[bool] = []
+    logprobs: list[torch.Tensor] = []
+    recall: dict[str, list[int]] = {}  # stage -> [target tokens kept, target tokens]
     ttft, decode_steps, decode_time = [], 0, 0.0
     with tokred.patched(model, setting.config):
         _answers(model, processor, task, batches[0][:1], max_new_tokens)  # warm-up, not measured
@@ -152,21 +172,26 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
         for batch in batches:
             clock = StepClock()
             start = time.perf_counter()
-            answers, cache = _answers(model, processor, task, batch, max_new_tokens, clock)
+            answers, out = _answers(model, processor, task, batch, max_new_tokens, clock)
             ttft.append(clock.ticks[0] - start)
             decode_steps += (len(clock.ticks) - 1) * len(batch)
             decode_time += clock.ticks[-1] - clock.ticks[0]
-            counts = tokred.stats(model).vision_tokens
-            vision_in += sum(counts["input"])
-            vision_kept += sum(list(counts.values())[-1])
-            kv += kv_bytes(cache)
+            stats = tokred.stats(model)
+            vision_in += sum(stats.vision_tokens["input"])
+            vision_kept += sum(list(stats.vision_tokens.values())[-1])
+            kv += kv_bytes(compat.output_cache(out))
+            logprobs.append(out.logits[0].float().log_softmax(-1).cpu())
+            for stage, (kept, total) in target_counts(stats, batch).items():
+                counts = recall.setdefault(stage, [0, 0])
+                counts[0], counts[1] = counts[0] + kept, counts[1] + total
             given += answers
             right = [a == q.answer for a, q in zip(answers, batch, strict=True)]
             correct += sum(right)
             small += [ok for ok, q in zip(right, batch, strict=True) if q.record.get("about_smallest")]
             n += len(batch)
             bar.update()
-    return Row(
+    by_stage = {stage: kept / total for stage, (kept, total) in recall.items() if total}
+    row = Row(
         task=task,
         setting=setting.name,
         method=setting.method,
@@ -175,6 +200,10 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
         accuracy=correct / n,
         relative_accuracy=None,
         smallest_accuracy=sum(small) / len(small) if small else None,
+        agreement=None,
+        answer_kl=None,
+        target_recall=list(by_stage.values())[-1] if by_stage else None,
+        target_recall_by_stage=by_stage,
         vision_tokens_in=vision_in / n,
         vision_tokens_kept=vision_kept / n,
         ttft_ms=1e3 * sum(ttft) / len(ttft),
@@ -183,10 +212,30 @@ def _run(model, processor, task: str, setting: Setting, batches: list[list[Quest
         kv_bytes=kv / n,
         answers=given,
     )
+    return row, torch.cat(logprobs)
+
+
+def target_counts(stats: tokred.Stats, batch: list[Question]) -> dict[str, tuple[int, int]]:
+    """Per stage ("input" first): how many of the tokens covering each question's target objects were still
+    there, and how many there were, over the batch's questions with one medium on a known grid."""
+    counts: dict[str, list[int]] = {stage: [0, 0] for stage in stats.kept_positions}
+    for b, question in enumerate(batch):
+        media = stats.media[b]
+        if len(media) != 1 or media[0][1] is None or not question.record["targets"]:
+            continue
+        grid, frames = media[0][1], question.media if isinstance(question.media, list) else [question.media]
+        size = frames[0].width
+        if size % grid[1] or size % grid[2]:
+            continue
+        targets = stats.kept_positions["input"][b][torch.from_numpy(target_tokens(question.record, grid, size))]
+        for stage, kept in stats.kept_positions.items():
+            counts[stage][0] += int(torch.isin(targets, kept[b]).sum())
+            counts[stage][1] += len(targets)
+    return {stage: (kept, total) for stage, (kept, total) in counts.items()}
 
 
 def _answers(model, processor, task: str, batch: list[Question], max_new_tokens: int, clock=None):
-    """Greedy answers (first line, stripped: answers are one word) and the final cache for one batch."""
+    """Greedy answers (first line, stripped: answers are one word) and generate()'s output (with the logits)."""
     processors = LogitsProcessorList([clock] if clock else [])
     texts, out = generate_answers(
         model,
@@ -196,5 +245,6 @@ def _answers(model, processor, task: str, batch: list[Question], max_new_tokens:
         [q.media for q in batch],
         max_new_tokens,
         logits_processor=processors,
+        output_logits=True,
     )
-    return [t.split("\n")[0].strip() for t in texts], compat.output_cache(out)
+    return [t.split("\n")[0].strip() for t in texts], out

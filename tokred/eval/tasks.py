@@ -2,8 +2,8 @@
 
 The runner and the lmms-eval plugin read the same jsonl and PNG files, so both score the same questions.
 Files live under ``$TOKRED_CACHE/data/seed<seed>/<task>/`` (default root ``~/.cache/tokred``) and are
-generated on first use; generation is bit-identical, and a request for more questions than are on disk
-regenerates the split with the extra ones (earlier records never change).
+generated on first use; generation is bit-identical, and a request for more questions than are on disk (or
+files of an older format) regenerates the split (earlier records of the same format never change).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def ensure(task: str, n: int = DEFAULT_QUESTIONS, seed: int = 0, root: str | os.
     root = Path(root) if root is not None else data_root(seed)
     meta = root / task / "meta.json"
     try:
-        have = json.loads(meta.read_text())["counts"]["test"]
+        written = json.loads(meta.read_text())
+        have = written["counts"]["test"] if written["format_version"] == datasets.FORMAT_VERSION else -1
     except (OSError, ValueError, KeyError):
         have = -1
     if have < n:

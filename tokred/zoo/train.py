@@ -1,21 +1,23 @@
 """Train a small VLM of a real architecture from scratch on tokred's synthetic benchmarks.
 
-    python -m tokred.zoo.train --family qwen2_5_vl --task shapes --task motion --out DIR
+    python -m tokred.zoo.train --family qwen2_5_vl --task shapes --out DIR [--stages ... --minutes ...]
 
-Samples are drawn on the fly from `tokred.zoo.datasets.sample` (deterministic by seed and index). Each image
-or clip carries up to ``--questions`` question/answer turns in one sequence (its own question first), so the
-vision tower runs once for several answers, and the loss covers the answer tokens only. A linear probe on the
-vision tokens as they enter the LLM learns each object's colour and shape from the coverage-weighted mean of
-its tokens, and each token's quadrant (``--aux-weight``): dense supervision for the from-scratch tower, shaped
-like what the LLM's attention must read. The probe is discarded; the saved checkpoint is the plain
-architecture. On a GPU use ``--device cuda --workers N`` (bf16 autocast; samples drawn in N processes). The
-run stops at ``--steps`` or ``--minutes``, whichever comes first, and is saved with `save_pretrained` plus a
-model card with the test accuracy.
+The default is the curriculum of `tokred.zoo.curriculum`: ``symbolic`` (the LLM on clean symbolic vision
+tokens), ``align`` (the tower and projector regressed onto the symbols) and ``joint`` (everything, on pixels),
+each for its ``--minutes`` at its ``--lr`` (warm-up, then a cosine to a fifth). ``--stages`` picks and orders
+them; ``--init DIR`` continues any stage from a trained checkpoint, on new samples. Samples are drawn on the fly
+from `tokred.zoo.datasets.sample` (deterministic by seed and index); each image or clip carries up to
+``--questions`` question/answer turns in one sequence (its own question first), so the tower runs once for
+several answers, and the answer loss covers the answer tokens only. On a GPU use ``--device cuda --workers N``
+(bf16 autocast; samples drawn in N processes). The result is saved with `save_pretrained` plus a card
+(``card.json``) recording every leg (stage, minutes, steps, learning curve, command, machine), the test
+accuracy per question type and the shuffled-image (blind) accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +38,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tokred.adapters import adapter_for
 from tokred.zoo import build
-from tokred.zoo.datasets import COLOURS, SHAPES, questions, sample
-from tokred.zoo.datasets.common import shape_mask
+from tokred.zoo.curriculum import STAGES, Symbols, symbolic_inputs, vision_rows
+from tokred.zoo.datasets import questions, sample
 from tokred.zoo.prompts import MEDIA, chat, generate_answers, media_inputs
-
-PROBE_CLASSES = (len(COLOURS), len(SHAPES), 4)  # colour and shape per object, quadrant per token
 
 
 def vision_config(family: str, hidden: int, depth: int, image_size: int) -> dict:
@@ -112,75 +113,6 @@ def turns_for(kind: str, record: dict, rng: np.random.Generator, limit: int) -> 
     return turns
 
 
-def probe_targets(record: dict, grid: tuple[int, int, int], size: int) -> tuple[torch.Tensor, ...]:
-    """Probe targets of one image or clip whose vision tokens form a (t, h, w) grid over a ``size``-pixel square.
-
-    Per object visible in a slot (clip slot ``t`` shows frame ``2 t``: temporal patches of two frames), the share
-    of each token's cell its pixels cover, (n, t*h*w), and its colour and shape, (n, 2); per token its quadrant,
-    (t*h*w,). Pooling a token set by coverage is what the LLM's attention does to answer "what shape is the red
-    object?", so the probe asks the tower for features whose object mean tells those apart; the quadrant puts
-    absolute position into each token.
-    """
-    t, h, w = grid
-    cell = size // w
-    if cell * w != size or cell * h != size:
-        raise ValueError(f"a {h}x{w} token grid does not tile a {size} px square")
-    weights, labels = [], []
-    for o in record["objects"]:
-        shares: dict[tuple[int, int], torch.Tensor] = {}  # per position: drawn once while the object stays there
-        for slot in range(t):
-            frame = 2 * slot
-            if "track" in o and not o["appear"] <= frame < o["disappear"]:
-                continue
-            cx, cy = o["track"][frame] if "track" in o else (o["cx"], o["cy"])
-            if (cx, cy) not in shares:
-                mask = torch.from_numpy(shape_mask(o["shape"], cx, cy, o["size"], size, size))
-                shares[cx, cy] = mask.reshape(h, cell, w, cell).float().mean(dim=(1, 3))
-            cover = torch.zeros(t, h, w)
-            cover[slot] = shares[cx, cy]
-            weights.append(cover.reshape(-1))
-            labels.append([list(COLOURS).index(o["colour"]), SHAPES.index(o["shape"])])
-    rows, cols = torch.arange(h)[:, None] >= h / 2, torch.arange(w)[None, :] >= w / 2
-    quadrants = (2 * rows.long() + cols.long()).expand(t, h, w).reshape(-1)
-    return torch.stack(weights), torch.tensor(labels), quadrants
-
-
-class Probe(nn.Module):
-    """Linear read-outs (training only): each object's colour and shape from the coverage-weighted mean of its
-    vision tokens, and each token's quadrant."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.head = nn.Linear(hidden, sum(PROBE_CLASSES))
-
-    def logits(self, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Colour and shape logits per object, quadrant logits per token."""
-        colour, shape, _ = self.head((weights @ tokens) / weights.sum(dim=1, keepdim=True)).split(PROBE_CLASSES, -1)
-        return colour, shape, self.head(tokens)[:, -PROBE_CLASSES[-1] :]
-
-    def loss(self, tokens: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, quadrants: torch.Tensor):
-        colour, shape, quadrant = self.logits(tokens, weights)
-        targets = (labels[:, 0], labels[:, 1], quadrants)
-        return sum(F.cross_entropy(x, y) for x, y in zip((colour, shape, quadrant), targets, strict=True)) / 3
-
-
-def collate_probes(targets: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """The probe targets of a batch, whose vision tokens are concatenated in sample order."""
-    weights, labels, quadrants = zip(*targets, strict=True)
-    return torch.block_diag(*weights), torch.cat(labels), torch.cat(quadrants)
-
-
-class LLMInputs:
-    """Keeps the embeddings the LLM was last called with (a forward pre-hook), to read the vision rows from."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.embeds: torch.Tensor | None = None
-        adapter_for(model).language_model.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.embeds = kwargs["inputs_embeds"]
-
-
 def _frames(media: Image.Image | list[Image.Image]) -> list[Image.Image]:
     return media if isinstance(media, list) else [media]
 
@@ -194,10 +126,17 @@ def token_grid(n_tokens: int, media: Image.Image | list[Image.Image]) -> tuple[i
     return slots, side, side
 
 
+def media_grid(processor, kind: str, media, vision_ids: list[int]) -> tuple[int, int, int]:
+    """The (t, h, w) token grid the processor gives one image or clip."""
+    inputs = media_inputs(processor, kind, [chat(processor, kind, "")], [media])
+    return token_grid(int(torch.isin(inputs["input_ids"], torch.tensor(vision_ids)).sum()), media)
+
+
 class Batches(IterableDataset):
     """Endless training batches: step ``k`` holds media ``first + k * batch_size ...`` of task ``tasks[k % n]``,
-    each with its question/answer turns, as processor inputs with labels plus the probe targets. Workers of a
-    DataLoader take every ``num_workers``-th step, so the stream is the same for any number of workers."""
+    each with its question/answer turns, as processor inputs with labels plus the records and token grids.
+    Workers of a DataLoader take every ``num_workers``-th step, so the stream is the same for any number of
+    workers."""
 
     def __init__(
         self, processor, tasks: list[str], batch_size: int, questions: int, seed: int, first: int, vision_ids: list[int]
@@ -212,7 +151,7 @@ class Batches(IterableDataset):
             yield self.batch(step)
             step += worker.num_workers if worker else 1
 
-    def batch(self, step: int) -> tuple[str, dict, tuple[torch.Tensor, ...]]:
+    def batch(self, step: int) -> Batch:
         kind = self.tasks[step % len(self.tasks)]
         index = self.first + step * self.batch_size
         records = [sample(kind, "train", index + i, seed=self.seed) for i in range(self.batch_size)]
@@ -221,109 +160,188 @@ class Batches(IterableDataset):
         inputs = batch_inputs(self.processor, kind, items, train=True)
         counts = torch.isin(inputs["input_ids"], self.vision_ids).sum(dim=1).tolist()
         grids = [token_grid(n, m) for (_, m), n in zip(records, counts, strict=True)]
-        return (
-            kind,
-            inputs,
-            collate_probes(
-                [probe_targets(r, g, _frames(m)[0].width) for (r, m), g in zip(records, grids, strict=True)]
-            ),
-        )
+        return Batch(kind, inputs, [r for r, _ in records], grids, _frames(records[0][1])[0].width)
 
 
-def accuracy(model, processor, kind: str, n: int, seed: int, batch_size: int = 25) -> float:
-    """Exact-match accuracy of greedy answers on the first ``n`` test questions (drawn in memory)."""
-    correct = 0
+@dataclass
+class Batch:
+    kind: str
+    inputs: dict
+    records: list[dict]
+    grids: list[tuple[int, int, int]]  # each medium's (t, h, w) token grid
+    size: int  # the media's side in pixels
+
+
+def accuracy(
+    model,
+    processor,
+    kind: str,
+    n: int,
+    seed: int,
+    batch_size: int = 25,
+    symbols: Symbols | None = None,
+    shuffle: bool = False,
+) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers on the first ``n`` test questions (drawn in memory), overall and
+    per question type. With `symbols` the LLM sees the scenes' symbols instead of its vision tokens;
+    with `shuffle` each question gets the next question's image or clip (a blind baseline)."""
+    correct: dict[str, list[bool]] = {}
+    adapter = adapter_for(model)
+    vision_ids = list(adapter.token_ids().values())
     for start in range(0, n, batch_size):
         records = [sample(kind, "test", i, seed=seed) for i in range(start, min(n, start + batch_size))]
-        answers, _ = generate_answers(
-            model, processor, kind, [r["question"] for r, _ in records], [m for _, m in records], 6
-        )
-        correct += sum(a.strip() == r["answer"] for a, (r, _) in zip(answers, records, strict=True))
-    return correct / n
+        with contextlib.ExitStack() as stack:
+            if symbols is not None:
+                grids = [media_grid(processor, kind, m, vision_ids) for _, m in records]
+                rows = symbols.batch([r for r, _ in records], grids, _frames(records[0][1])[0].width).detach()
+                stack.enter_context(symbolic_inputs(adapter, lambda rows=rows: rows))
+            media = [m for _, m in records]
+            if shuffle:
+                media = media[1:] + media[:1]
+            answers, _ = generate_answers(model, processor, kind, [r["question"] for r, _ in records], media, 6)
+        for a, (r, _) in zip(answers, records, strict=True):
+            correct.setdefault(r["type"], []).append(a.strip() == r["answer"])
+    every = [c for cs in correct.values() for c in cs]
+    return {"all": sum(every) / len(every), **{t: sum(cs) / len(cs) for t, cs in sorted(correct.items())}}
+
+
+def trainable(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    """The parameters `stage` trains (all others are frozen): the LLM side for ``symbolic``, the tower and
+    projector for ``align``, everything for ``joint``."""
+    adapter = adapter_for(model)
+    vision = {id(p) for m in (adapter.vision_tower, adapter.projector) for p in m.parameters()}
+    chosen = [p for p in model.parameters() if stage == "joint" or (id(p) in vision) == (stage == "align")]
+    keep = {id(p) for p in chosen}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return chosen
+
+
+def stage_loss(stage: str, model: nn.Module, symbols: Symbols, batch: Batch) -> torch.Tensor:
+    """The answer loss on symbols (``symbolic``) or pixels (``joint``), or the projector's relative squared
+    error against the symbols (``align``)."""
+    adapter = adapter_for(model)
+    if stage == "align":
+        out = vision_rows(model, adapter, batch.inputs).float()
+        target = symbols.batch(batch.records, batch.grids, batch.size).detach()
+        return F.mse_loss(out, target) / target.pow(2).mean()
+    if stage == "symbolic":
+        rows = symbols.batch(batch.records, batch.grids, batch.size)
+        with symbolic_inputs(adapter, lambda: rows):
+            return model(**batch.inputs).loss
+    return model(**batch.inputs).loss
+
+
+def run_stage(stage: str, minutes: float, lr: float, model, processor, loader, args: argparse.Namespace) -> dict:
+    """Train one stage for `minutes` (warm-up, then a cosine that decays to a fifth of `lr`); the leg's record,
+    with a learning curve of test accuracy (on symbols in the ``symbolic`` stage)."""
+    symbols = Symbols(model.get_input_embeddings(), processor.tokenizer)
+    params = trainable(model, stage)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    tasks = list(dict.fromkeys(args.task))
+    start, step, curve, next_eval = time.monotonic(), 0, [], args.eval_every
+
+    def measure() -> dict:
+        model.eval()
+        seen = symbols if stage == "symbolic" else None
+        result = {k: accuracy(model, processor, k, args.curve_n, args.seed, symbols=seen)["all"] for k in tasks}
+        model.train()
+        return {"minutes": round((time.monotonic() - start) / 60, 1), "step": step, "accuracy": result}
+
+    while (elapsed := time.monotonic() - start) < 60 * minutes:
+        progress = elapsed / (60 * minutes)
+        scale = min(1.0, (step + 1) / args.warmup) * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        batch = next(loader)
+        batch.inputs = batch.inputs.to(args.device)
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device != "cpu"):
+            loss = stage_loss(stage, model, symbols, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step(), optimizer.zero_grad()
+        step += 1
+        if step % args.log_every == 0:
+            print(f"{stage} step {step} {batch.kind} loss {loss.item():.3f} lr {lr * scale:.2e} ({elapsed:.0f} s)")
+        if elapsed >= 60 * next_eval:
+            curve.append(measure())
+            print(f"{stage} {json.dumps(curve[-1])}", flush=True)
+            next_eval += args.eval_every
+    curve.append(measure())
+    return {
+        "stage": stage,
+        "minutes": round((time.monotonic() - start) / 60, 1),
+        "steps": step,
+        "lr": lr,
+        "curve": curve,
+    }
 
 
 def train(args: argparse.Namespace) -> dict:
+    """Run the stages in order on a fresh model (or continue `--init`'s); save it with its card and return the card."""
     torch.manual_seed(args.seed)
-    text = {
-        "hidden_size": args.hidden,
-        "intermediate_size": 2 * args.hidden,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": args.hidden // 32,
-        "num_key_value_heads": max(1, args.hidden // 64),
-    }
-    vision = vision_config(args.family, args.vision_hidden, args.vision_depth, args.image_size)
     previous = json.loads((Path(args.init) / "card.json").read_text()) if args.init else None
+    if previous:  # the sizes are the earlier run's; its samples are skipped so that every sample is new
+        text, vision, args.family = previous["text"], previous["vision"], previous["family"]
+    else:
+        text = {
+            "hidden_size": args.hidden,
+            "intermediate_size": 2 * args.hidden,
+            "num_hidden_layers": args.layers,
+            "num_attention_heads": args.hidden // 32,
+            "num_key_value_heads": max(1, args.hidden // 64),
+        }
+        vision = vision_config(args.family, args.vision_hidden, args.vision_depth, args.image_size)
     with tempfile.TemporaryDirectory() as scratch:
         init = args.init or build(
             args.family, scratch, seed=args.seed, vision=vision, image_size=args.image_size, **text
         )
         model = AutoModelForImageTextToText.from_pretrained(init, attn_implementation="sdpa").to(args.device).train()
         processor = AutoProcessor.from_pretrained(init)
-    if previous:  # the sizes are the earlier run's; its samples are skipped so that every sample is new
-        text, vision, args.family = previous["text"], previous["vision"], previous["family"]
     vision_ids = list(adapter_for(model).token_ids().values())
-    vision_id_tensor = torch.tensor(vision_ids, device=args.device)
-    llm_inputs, probe = LLMInputs(model), Probe(model.config.get_text_config().hidden_size).to(args.device)
-    params = [*model.parameters(), *probe.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     first = previous["media_seen"] if previous else 0
-    batches = Batches(processor, args.task, args.batch_size, args.questions, args.seed, first, vision_ids)
-    loader = iter(
-        DataLoader(batches, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
-    )
-    start, step = time.monotonic(), 0
-
-    def progress() -> float:
-        return min(1.0, max(step / args.steps, (time.monotonic() - start) / (60 * args.minutes)))
-
-    while progress() < 1.0:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress()))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        kind, inputs, targets = next(loader)
-        inputs, targets = inputs.to(args.device), [t.to(args.device) for t in targets]
-        with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.device != "cpu"):
-            answer_loss = model(**inputs).loss
-        vision_rows = torch.isin(inputs["input_ids"], vision_id_tensor)
-        probe_loss = probe.loss(llm_inputs.embeds[vision_rows].float(), *targets)
-        (answer_loss + args.aux_weight * probe_loss).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step(), optimizer.zero_grad()
-        step += 1
-        if step % args.log_every == 0:
-            elapsed = time.monotonic() - start
-            losses = f"answer {answer_loss.item():.3f} probe {probe_loss.item():.3f}"
-            print(f"step {step} {kind} {losses} lr {lr:.2e} ({elapsed:.0f} s)", flush=True)
-    minutes = (time.monotonic() - start) / 60
+    legs = list(previous["legs"]) if previous else []
+    command = " ".join(["python -m tokred.zoo.train", *sys.argv[1:]])
+    for stage, minutes, lr in zip(args.stages, args.minutes, args.lr, strict=True):
+        batches = Batches(processor, args.task, args.batch_size, args.questions, args.seed, first, vision_ids)
+        loader = iter(
+            DataLoader(batches, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+        )
+        leg = run_stage(stage, minutes, lr, model, processor, loader, args)
+        first += leg["steps"] * args.batch_size
+        legs.append(leg | {"command": command, "machine": machine(model)})
     model.eval()
-    results = {k: accuracy(model, processor, k, args.eval_n, args.seed) for k in dict.fromkeys(args.task)}
+    tasks = list(dict.fromkeys(args.task))
     card = {
-        "command": " ".join(["python -m tokred.zoo.train", *sys.argv[1:]]),
         "family": args.family,
-        "tasks": list(dict.fromkeys(args.task)),
-        "task_schedule": args.task,
+        "tasks": tasks,
         "text": text,
         "vision": vision,
         "image_size": args.image_size,
         "seed": args.seed,
-        "steps": step,
-        "media_seen": first + step * args.batch_size,
+        "media_seen": first,
         "data": "train split drawn on the fly from tokred.zoo.datasets.sample(task, 'train', i, seed)",
         "questions_per_medium": args.questions,
-        "aux_weight": args.aux_weight,
-        "size_mb": None,
-        "lr": args.lr,
-        "train_minutes": round(minutes + (previous["train_minutes"] if previous else 0), 1),
-        "continued_from": previous,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {next(model.parameters()).device}",
-        "test_accuracy": results,
+        "batch_size": args.batch_size,
+        "legs": legs,
+        "train_minutes": round(sum(leg["minutes"] for leg in legs), 1),
+        "test_accuracy": {k: accuracy(model, processor, k, args.eval_n, args.seed) for k in tasks},
+        "shuffled_image_accuracy": {
+            k: accuracy(model, processor, k, args.eval_n, args.seed, shuffle=True)["all"] for k in tasks
+        },
         "eval_questions": args.eval_n,
     }
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     card["size_mb"] = round(sum(f.stat().st_size for f in Path(args.out).iterdir()) / 2**20, 1)
     (Path(args.out) / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+def machine(model: nn.Module) -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, {next(model.parameters()).device}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -334,28 +352,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--init", help="continue from this trained checkpoint (its card's sizes; new samples only)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="run in this order")
+    parser.add_argument("--minutes", nargs="+", type=float, help="one per stage (default: 40 10 25 for the three)")
+    parser.add_argument("--lr", nargs="+", type=float, help="one per stage (default: 2.5e-3 1e-3 5e-4)")
     parser.add_argument("--hidden", type=int, default=128, help="LLM width")
     parser.add_argument("--layers", type=int, default=4, help="LLM layers")
     parser.add_argument("--vision-hidden", type=int, default=96)
     parser.add_argument("--vision-depth", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--questions", type=int, default=4, help="question/answer turns per image or clip")
-    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the vision-token probe loss")
-    parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--image-size", type=int, default=448, help="the processor's largest image side (LLaVA: the tower's input)"
+    )
+    parser.add_argument("--questions", type=int, default=8, help="question/answer turns per image or clip")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=150, help="warm-up steps of each stage")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-n", type=int, default=200)
+    parser.add_argument("--eval-n", type=int, default=200, help="test questions per task for the card")
+    parser.add_argument("--curve-n", type=int, default=100, help="test questions per task at each curve point")
+    parser.add_argument("--eval-every", type=float, default=5.0, help="minutes between curve points")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes drawing and preparing samples")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 autocast on GPUs"
     )
-    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
     args.task = args.task or ["shapes"]
+    for name, defaults in (("minutes", DEFAULT_MINUTES), ("lr", DEFAULT_LR)):
+        given = getattr(args, name) or [defaults[STAGES.index(s)] for s in args.stages]
+        if len(given) != len(args.stages):
+            parser.error(f"--{name} takes one value per stage ({len(args.stages)}), got {len(given)}")
+        setattr(args, name, given)
     print(json.dumps(train(args), indent=2))
+
+
+DEFAULT_MINUTES = (40.0, 10.0, 25.0)
+"""Minutes of each stage by default (symbolic, align, joint): most of the budget to the cheap symbolic stage."""
+DEFAULT_LR = (2.5e-3, 1e-3, 5e-4)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 Two kinds, both with one-word answers and solid saturated shapes over a muted textured background:
 
-* ``"shapes"`` (ShapesVQA, :mod:`.shapes`): 448x448 images with 3-8 shapes; a fixed share of the
+* ``"shapes"`` (ShapesVQA, :mod:`.shapes`): 224x224 images with 3-6 shapes; a fixed share of the
   questions is about the one tiny (16-22 px) object in each scene (``about_smallest``).
 * ``"motion"`` (MotionVQA, :mod:`.motion`): 16-frame 224x224 clips over a static background where a
   few objects move, appear or disappear.
+
+:mod:`.cells` says which LLM token cells each object paints (ground truth for training aids and for
+`tokred eval`'s target recall).
 
 Use :func:`sample` in memory (e.g. inside a training loop) or :func:`generate` to write
 ``root/<kind>/{train,test}.jsonl`` plus ``images/`` or ``videos/<id>/frame_000.png`` ... and

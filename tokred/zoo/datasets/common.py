@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ShapesVQA at 224 px with at most 6 objects; no counting by default
 SPLITS = ("train", "test")
 # Saturated and far apart; the background (see background()) never gets near any of them.
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -42,6 +42,8 @@ from tokred.zoo.datasets.common import (
 )
 
 TYPES = ("direction", "appeared", "appear_time", "count_end")
+DEFAULT_TYPES = ("direction", "appeared", "appear_time")
+"""Counting is left out by default: the zoo's small LLMs never learned it (they stayed at the prior)."""
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 THIRDS = ("beginning", "middle", "end")
 ANSWERS = sorted({*DIRECTIONS, *SHAPES, *THIRDS, *(str(n) for n in range(MAX_OBJECTS + 1))})
@@ -61,17 +63,19 @@ class Params(BaseParams):
     shift: tuple[int, int] = (52, 112)  # a mover's displacement from the first to the last frame
     margin: int = 6
     cell: int = 28  # objects fill whole cells of this grid and move a cell at a time, every 2 frames; 0: freely
+    types: tuple[str, ...] = DEFAULT_TYPES  # the templates questions are drawn from
 
     def check(self) -> None:
         require(12 <= self.frames <= 1000, "frames must be in [12, 1000] (each third needs inner frames)")
         require(1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS, f"need 1 <= objects <= {MAX_OBJECTS}")
         require(1 <= self.object_size[0] <= self.object_size[1] <= self.size // 4, "object_size too large")
         require(self.object_size[1] < self.shift[0] <= self.shift[1] <= self.size // 2, "need size < shift <= half")
+        require(bool(self.types) and set(self.types) <= set(TYPES), f"types must be some of {TYPES}")
 
 
 def sample(rng: np.random.Generator, split: str, index: int, params: Params) -> tuple[dict, list[Image.Image]]:
     """One record and its frames; the template is drawn first and the roles are chosen so that it applies."""
-    qtype = pick(rng, TYPES)
+    qtype = pick(rng, params.types)
     for _ in range(MAX_SCENES):
         objects = scene(rng, qtype, params)
         if objects is not None:
@@ -103,7 +107,11 @@ def questions(rng: np.random.Generator, objects: list[dict], params: Params) -> 
         "appear_time": any(t in third_frames(3 * t // params.frames, params.frames) for t in appearing),
         "count_end": True,
     }
-    return [(qtype, _TEMPLATES[qtype](rng, objects, params)) for qtype, ok in supported.items() if ok]
+    return [
+        (qtype, _TEMPLATES[qtype](rng, objects, params))
+        for qtype, ok in supported.items()
+        if ok and qtype in params.types
+    ]
 
 
 def scene(rng: np.random.Generator, qtype: str, params: Params) -> list[dict] | None:
