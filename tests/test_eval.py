@@ -126,7 +126,7 @@ def test_without_a_shipped_checkpoint_the_default_is_a_labelled_random_build(tmp
     monkeypatch.setattr("tokred.zoo.available", lambda: [])  # as in an installation that ships none
     main(["eval", "--tasks", "shapes", "--recipes", "random-25", "--limit", "2", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "warning: no trained checkpoint (shapes-motion-qwen2_5_vl) is shipped" in printed
+    assert "warning: no trained checkpoint (shapes-qwen2_5_vl) is shipped" in printed
     assert json.loads((tmp_path / "results.json").read_text())["run"]["model"].endswith("qwen2_5_vl-s0")
 
 

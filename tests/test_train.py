@@ -11,11 +11,19 @@ from transformers import AutoProcessor
 
 from tokred.adapters import adapter_for
 from tokred.zoo import build
-from tokred.zoo.curriculum import Symbols, quadrant_word, symbolic_inputs, vision_rows
-from tokred.zoo.datasets import sample
+from tokred.zoo.curriculum import (
+    Symbols,
+    attention_loss,
+    quadrant_word,
+    recorded_attention,
+    symbolic_inputs,
+    vision_rows,
+)
+from tokred.zoo.datasets import COLOURS, SHAPES, sample
 from tokred.zoo.datasets.cells import owners
+from tokred.zoo.datasets.shapes import QUADRANTS
 from tokred.zoo.prompts import chat
-from tokred.zoo.train import Batches, batch_inputs, token_grid, trainable, turns_for
+from tokred.zoo.train import Batches, answer_queries, batch_inputs, token_grid, trainable, turns_for
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
@@ -85,25 +93,51 @@ def tiny_trainee(tmp_path_factory):
     return model, processor, Batches(processor, ["shapes"], 2, 2, seed=0, first=0, vision_ids=ids).batch(0)
 
 
-def test_symbols_are_the_words_of_the_object_in_each_cell(tiny_trainee):
-    model, processor, batch = tiny_trainee
-    symbols = Symbols(model.get_input_embeddings(), processor.tokenizer)
+def test_symbols_sum_the_colour_shape_and_quadrant_of_the_object_in_each_cell(tiny_trainee):
+    model, _, batch = tiny_trainee
+    symbols = Symbols(model.config.get_text_config().hidden_size)
     record, grid = batch.records[0], batch.grids[0]
     rows, owner = symbols.rows(record, grid, batch.size), owners(record, grid, batch.size)
-    assert rows.shape == (64, model.config.get_text_config().hidden_size)
-    assert not rows[owner < 0].any() and (owner >= 0).sum() > 0
+    assert rows.shape == (64, symbols.background.numel())
+    assert (rows[torch.from_numpy(owner < 0)] == symbols.background).all() and (owner >= 0).sum() > 0
     for token in (owner >= 0).nonzero()[0]:
         o = record["objects"][owner[token]]
-        words = [o["colour"], o["shape"], quadrant_word(o["cx"], o["cy"], batch.size)]
-        ids = [processor.tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words]
-        expected = sum(model.get_input_embeddings().weight[i].mean(0) for i in ids)
+        quadrant = QUADRANTS.index(quadrant_word(o["cx"], o["cy"], batch.size))
+        expected = (
+            symbols.colour.weight[list(COLOURS).index(o["colour"])]
+            + symbols.shape.weight[SHAPES.index(o["shape"])]
+            + symbols.quadrant.weight[quadrant]
+        )
         torch.testing.assert_close(rows[token], expected)
+    assert quadrant_word(10, 200, 224) == "bottomleft" and quadrant_word(120, 20, 224) == "topright"
+
+
+def test_the_attention_loss_agrees_with_eager_attention_weights(tiny_trainee, tmp_path):
+    """The loss reads head 0's attention from the token before each answer; eager attention's own weights give
+    the same masses."""
+    from transformers import AutoModelForImageTextToText
+
+    model, processor, batch = tiny_trainee
+    path = tmp_path / "eager"
+    model.save_pretrained(path)
+    eager = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    adapter = adapter_for(eager)
+    queries = answer_queries(adapter, batch)
+    assert len(queries) >= 2 and all(batch.inputs["labels"][b, p] == -100 for b, p, _ in queries)
+    assert all(batch.inputs["labels"][b, p + 1] != -100 for b, p, _ in queries)  # the first answer token is next
+    image = batch.inputs["input_ids"] == eager.config.image_token_id
+    assert all(image[b, t].all() for b, _, t in queries)
+    with torch.no_grad(), recorded_attention(adapter, [2, 3]) as records:
+        out = eager(**batch.inputs, output_attentions=True)
+        loss = attention_loss(records, queries, batch.inputs["attention_mask"])
+    expected = [-torch.log(out.attentions[layer][b, 0, p, t].sum() + 1e-6) for layer in (2, 3) for b, p, t in queries]
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_the_symbolic_stage_feeds_the_llm_symbols_and_trains_only_its_side(tiny_trainee):
     model, processor, batch = tiny_trainee
     adapter = adapter_for(model)
-    symbols = Symbols(model.get_input_embeddings(), processor.tokenizer)
+    symbols = Symbols(model.config.get_text_config().hidden_size)
     rows = symbols.batch(batch.records, batch.grids, batch.size)
     seen = []
     handle = adapter.layers[0].register_forward_pre_hook(

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
     print(stats)
 
 
-DEFAULT_MODEL = "shapes-motion-qwen2_5_vl"
+DEFAULT_MODEL = "shapes-qwen2_5_vl"
 """The model of `tokred eval` and `tokred demo` when none is given; until it ships, a random-weight build stands in."""
 DEFAULT_RECIPES = ("fastv-50", "fastv-25", "random-25")
 MODEL_HELP = f"shipped checkpoint name or a checkpoint directory (default: {DEFAULT_MODEL})"

@@ -24,6 +24,8 @@ from torch import nn
 from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.zoo.datasets.cells import owners
+from tokred.zoo.datasets.common import COLOURS, SHAPES
+from tokred.zoo.datasets.shapes import QUADRANTS
 
 STAGES = ("symbolic", "align", "joint")
 
@@ -32,30 +34,37 @@ def quadrant_word(cx: float, cy: float, size: int) -> str:
     return ("top" if cy < size / 2 else "bottom") + ("left" if cx < size / 2 else "right")
 
 
-class Symbols:
-    """Symbolic vision tokens for a batch of scenes, from the model's own (trainable) input embeddings."""
+class Symbols(nn.Module):
+    """Symbolic vision tokens for a batch of scenes: per cell, the sum of learned vectors for the colour,
+    shape and quadrant of the object painting it, or a learned background vector."""
 
-    def __init__(self, embeddings: nn.Embedding, tokenizer) -> None:
-        self.embeddings, self.tokenizer = embeddings, tokenizer
-        self._ids: dict[str, torch.Tensor] = {}
-
-    def word(self, word: str) -> torch.Tensor:
-        """The mean input embedding of the word's tokens (with a leading space, as inside a sentence)."""
-        if word not in self._ids:
-            ids = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-            self._ids[word] = torch.tensor(ids, device=self.embeddings.weight.device)
-        return self.embeddings(self._ids[word]).mean(0)
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.colour = nn.Embedding(len(COLOURS), width)
+        self.shape = nn.Embedding(len(SHAPES), width)
+        self.quadrant = nn.Embedding(len(QUADRANTS), width)
+        self.background = nn.Parameter(torch.zeros(width))
+        for table in (self.colour, self.shape, self.quadrant):
+            nn.init.normal_(table.weight, std=0.02)
 
     def rows(self, record: dict, grid: tuple[int, int, int], size: int) -> torch.Tensor:
-        """(t*h*w, d) one scene's symbols: colour + shape + quadrant of the object painting each cell, else 0."""
-        owner = owners(record, grid, size)
-        out = torch.zeros(len(owner), self.embeddings.embedding_dim, device=self.embeddings.weight.device)
+        """(t*h*w, d) one scene's symbols, in raster order of its token grid."""
+        owner = torch.from_numpy(owners(record, grid, size))
         slots = grid[1] * grid[2]
-        for token in (owner >= 0).nonzero()[0].tolist():
+        index = torch.zeros(len(owner), 3, dtype=torch.long)
+        for token in (owner >= 0).nonzero()[:, 0].tolist():
             o = record["objects"][owner[token]]
             cx, cy = o["track"][2 * (token // slots)] if "track" in o else (o["cx"], o["cy"])
-            out[token] = self.word(o["colour"]) + self.word(o["shape"]) + self.word(quadrant_word(cx, cy, size))
-        return out
+            index[token] = torch.tensor(
+                [
+                    list(COLOURS).index(o["colour"]),
+                    SHAPES.index(o["shape"]),
+                    QUADRANTS.index(quadrant_word(cx, cy, size)),
+                ]
+            )
+        index = index.to(self.background.device)
+        objects = self.colour(index[:, 0]) + self.shape(index[:, 1]) + self.quadrant(index[:, 2])
+        return torch.where((owner >= 0).to(index.device)[:, None], objects, self.background)
 
     def batch(self, records: list[dict], grids: list[tuple[int, int, int]], size: int) -> torch.Tensor:
         """(tokens, d) the symbols of a batch, in sequence order (each medium's tokens in raster order)."""
@@ -117,3 +126,61 @@ def vision_rows(model: nn.Module, adapter: Adapter, inputs: dict) -> torch.Tenso
     if not seen:
         raise RuntimeError("the model's forward never reached its language model")
     return seen[0][vision_mask(adapter, inputs["input_ids"]).to(seen[0].device)]
+
+
+PROBE = "tokred_curriculum_probe"
+"""The attention function name under which supervised layers record their post-RoPE queries and keys."""
+
+
+def _probe(module, query, key, value, attention_mask, **kwargs):
+    """Record q/k for the attention loss, then run the layer's own kernel unchanged."""
+    module._tokred_probe.append((query, key, kwargs.get("scaling")))
+    patched, module.config = module.config, module._tokred_stock_config
+    try:
+        return compat.attention_kernel(module, compat.attention_implementation(module.config))(
+            module, query, key, value, attention_mask, **kwargs
+        )
+    finally:
+        module.config = patched
+
+
+compat.register_attention(PROBE, _probe)
+
+
+@contextmanager
+def recorded_attention(adapter: Adapter, layers: list[int]) -> Iterator[list[list[tuple]]]:
+    """Inside the block, each forward of the given LLM layers appends (query, key, scaling) to its list."""
+    records: list[list[tuple]] = []
+    undo = []
+    for layer in layers:
+        attention = adapter.attention(layer)
+        stock = attention.config
+        attention._tokred_stock_config, attention._tokred_probe = stock, []
+        attention.config = compat.with_attention_function(stock, PROBE)
+        records.append(attention._tokred_probe)
+        undo.append((attention, stock))
+    try:
+        yield records
+    finally:
+        for attention, stock in undo:
+            attention.config = stock
+            del attention._tokred_stock_config, attention._tokred_probe
+
+
+def attention_loss(
+    records: list[list[tuple]], queries: list[tuple[int, int, torch.Tensor]], padding: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean over recorded layers and `queries` (sample, query position, target key positions) of
+    -log(attention mass of head 0 on the targets): teaches the token before each answer to look at the
+    objects its question names."""
+    losses = []
+    for calls in records:
+        query, key, scaling = calls[-1]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        for b, position, targets in queries:
+            scores = (key[b, 0, : position + 1].float() @ query[b, 0, position].float()) * scale
+            if padding is not None:
+                scores = scores.masked_fill(~padding[b, : position + 1].bool(), float("-inf"))
+            mass = scores.softmax(-1)[targets.to(scores.device)].sum()
+            losses.append(-torch.log(mass + 1e-6))
+    return torch.stack(losses).mean() if losses else torch.zeros(())

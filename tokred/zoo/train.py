@@ -38,8 +38,17 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tokred.adapters import adapter_for
 from tokred.zoo import build
-from tokred.zoo.curriculum import STAGES, Symbols, symbolic_inputs, vision_rows
+from tokred.zoo.curriculum import (
+    STAGES,
+    Symbols,
+    attention_loss,
+    recorded_attention,
+    symbolic_inputs,
+    vision_mask,
+    vision_rows,
+)
 from tokred.zoo.datasets import questions, sample
+from tokred.zoo.datasets.cells import target_tokens
 from tokred.zoo.prompts import MEDIA, chat, generate_answers, media_inputs
 
 
@@ -160,7 +169,8 @@ class Batches(IterableDataset):
         inputs = batch_inputs(self.processor, kind, items, train=True)
         counts = torch.isin(inputs["input_ids"], self.vision_ids).sum(dim=1).tolist()
         grids = [token_grid(n, m) for (_, m), n in zip(records, counts, strict=True)]
-        return Batch(kind, inputs, [r for r, _ in records], grids, _frames(records[0][1])[0].width)
+        turns = [t for t, _ in items]
+        return Batch(kind, inputs, [r for r, _ in records], turns, grids, _frames(records[0][1])[0].width)
 
 
 @dataclass
@@ -168,6 +178,7 @@ class Batch:
     kind: str
     inputs: dict
     records: list[dict]
+    turns: list[list[dict]]  # each medium's question/answer turns, in sequence order
     grids: list[tuple[int, int, int]]  # each medium's (t, h, w) token grid
     size: int  # the media's side in pixels
 
@@ -217,26 +228,50 @@ def trainable(model: nn.Module, stage: str) -> list[nn.Parameter]:
     return chosen
 
 
-def stage_loss(stage: str, model: nn.Module, symbols: Symbols, batch: Batch) -> torch.Tensor:
-    """The answer loss on symbols (``symbolic``) or pixels (``joint``), or the projector's relative squared
-    error against the symbols (``align``)."""
+def stage_loss(stage: str, model: nn.Module, symbols: Symbols, batch: Batch, attention_weight: float) -> torch.Tensor:
+    """The answer loss on symbols (``symbolic``) or pixels (``joint``), plus `attention_weight` times the
+    attention loss of the last two LLM layers; or the vision tokens' relative squared error against the
+    symbols (``align``)."""
     adapter = adapter_for(model)
     if stage == "align":
         out = vision_rows(model, adapter, batch.inputs).float()
         target = symbols.batch(batch.records, batch.grids, batch.size).detach()
         return F.mse_loss(out, target) / target.pow(2).mean()
-    if stage == "symbolic":
-        rows = symbols.batch(batch.records, batch.grids, batch.size)
-        with symbolic_inputs(adapter, lambda: rows):
-            return model(**batch.inputs).loss
-    return model(**batch.inputs).loss
+    layers = list(range(len(adapter.layers)))[-2:] if attention_weight else []
+    with contextlib.ExitStack() as stack:
+        if stage == "symbolic":
+            rows = symbols.batch(batch.records, batch.grids, batch.size)
+            stack.enter_context(symbolic_inputs(adapter, lambda: rows))
+        records = stack.enter_context(recorded_attention(adapter, layers))
+        loss = model(**batch.inputs).loss
+    if layers:
+        queries = answer_queries(adapter, batch)
+        loss = loss + attention_weight * attention_loss(records, queries, batch.inputs.get("attention_mask"))
+    return loss
 
 
-def run_stage(stage: str, minutes: float, lr: float, model, processor, loader, args: argparse.Namespace) -> dict:
+def answer_queries(adapter, batch: Batch) -> list[tuple[int, int, torch.Tensor]]:
+    """(sample, position of the token before the answer, positions of the vision tokens covering the objects
+    the turn's answer rests on) for every turn with such objects."""
+    labels, vision = batch.inputs["labels"], vision_mask(adapter, batch.inputs["input_ids"])
+    starts = (labels != -100) & (F.pad(labels, (1, 0), value=-100)[:, :-1] == -100)
+    out = []
+    for b, (record, turns, grid) in enumerate(zip(batch.records, batch.turns, batch.grids, strict=True)):
+        positions = vision[b].nonzero()[:, 0]
+        for turn, start in zip(turns, starts[b].nonzero()[:, 0].tolist(), strict=True):
+            cells = target_tokens({"objects": record["objects"], "targets": turn["targets"]}, grid, batch.size)
+            if cells.any():
+                out.append((b, start - 1, positions[torch.from_numpy(cells).to(positions.device)]))
+    return out
+
+
+def run_stage(
+    stage: str, minutes: float, lr: float, model, processor, symbols: Symbols, loader, args: argparse.Namespace
+) -> dict:
     """Train one stage for `minutes` (warm-up, then a cosine that decays to a fifth of `lr`); the leg's record,
     with a learning curve of test accuracy (on symbols in the ``symbolic`` stage)."""
-    symbols = Symbols(model.get_input_embeddings(), processor.tokenizer)
-    params = trainable(model, stage)
+    params = trainable(model, stage) + (list(symbols.parameters()) if stage == "symbolic" else [])
+    symbols.requires_grad_(stage == "symbolic")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     tasks = list(dict.fromkeys(args.task))
     start, step, curve, next_eval = time.monotonic(), 0, [], args.eval_every
@@ -256,7 +291,7 @@ def run_stage(stage: str, minutes: float, lr: float, model, processor, loader, a
         batch = next(loader)
         batch.inputs = batch.inputs.to(args.device)
         with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device != "cpu"):
-            loss = stage_loss(stage, model, symbols, batch)
+            loss = stage_loss(stage, model, symbols, batch, args.attention_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), optimizer.zero_grad()
@@ -301,13 +336,16 @@ def train(args: argparse.Namespace) -> dict:
     vision_ids = list(adapter_for(model).token_ids().values())
     first = previous["media_seen"] if previous else 0
     legs = list(previous["legs"]) if previous else []
+    symbols = Symbols(model.config.get_text_config().hidden_size).to(args.device)
+    if args.init and (Path(args.init) / SYMBOLS).is_file():
+        symbols.load_state_dict(torch.load(Path(args.init) / SYMBOLS))
     command = " ".join(["python -m tokred.zoo.train", *sys.argv[1:]])
     for stage, minutes, lr in zip(args.stages, args.minutes, args.lr, strict=True):
         batches = Batches(processor, args.task, args.batch_size, args.questions, args.seed, first, vision_ids)
         loader = iter(
             DataLoader(batches, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
         )
-        leg = run_stage(stage, minutes, lr, model, processor, loader, args)
+        leg = run_stage(stage, minutes, lr, model, processor, symbols, loader, args)
         first += leg["steps"] * args.batch_size
         legs.append(leg | {"command": command, "machine": machine(model)})
     model.eval()
@@ -335,9 +373,16 @@ def train(args: argparse.Namespace) -> dict:
         p.requires_grad_(True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
+    if args.keep_symbols:
+        torch.save(symbols.state_dict(), Path(args.out) / SYMBOLS)
     card["size_mb"] = round(sum(f.stat().st_size for f in Path(args.out).iterdir()) / 2**20, 1)
     (Path(args.out) / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+SYMBOLS = "symbols.pt"
+"""The learned symbol vectors, kept beside a checkpoint (``--keep-symbols``) so ``--init`` can continue the
+symbolic or align stage; not part of the model."""
 
 
 def machine(model: nn.Module) -> str:
@@ -374,6 +419,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 autocast on GPUs"
     )
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument(
+        "--attention-weight",
+        type=float,
+        default=1.0,
+        help="weight of the loss that teaches head 0 of the last two LLM layers to attend from the token before "
+        "each answer to the objects it rests on (symbolic and joint stages; 0: off)",
+    )
+    parser.add_argument("--keep-symbols", action="store_true", help=f"also save {SYMBOLS}, to continue stages 1-2")
     args = parser.parse_args(argv)
     args.task = args.task or ["shapes"]
     for name, defaults in (("minutes", DEFAULT_MINUTES), ("lr", DEFAULT_LR)):
