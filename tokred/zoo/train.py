@@ -141,6 +141,18 @@ def media_grid(processor, kind: str, media, vision_ids: list[int]) -> tuple[int,
     return token_grid(int(torch.isin(inputs["input_ids"], torch.tensor(vision_ids)).sum()), media)
 
 
+@dataclass
+class Batch:
+    """One training step: processor inputs with labels, and what the curriculum's losses need to know."""
+
+    kind: str
+    inputs: dict
+    records: list[dict]
+    turns: list[list[dict]]  # each medium's question/answer turns, in sequence order
+    grids: list[tuple[int, int, int]]  # each medium's (t, h, w) token grid
+    size: int  # the media's side in pixels
+
+
 class Batches(IterableDataset):
     """Endless training batches: step ``k`` holds media ``first + k * batch_size ...`` of task ``tasks[k % n]``,
     each with its question/answer turns, as processor inputs with labels plus the records and token grids.
@@ -171,16 +183,6 @@ class Batches(IterableDataset):
         grids = [token_grid(n, m) for (_, m), n in zip(records, counts, strict=True)]
         turns = [t for t, _ in items]
         return Batch(kind, inputs, [r for r, _ in records], turns, grids, _frames(records[0][1])[0].width)
-
-
-@dataclass
-class Batch:
-    kind: str
-    inputs: dict
-    records: list[dict]
-    turns: list[list[dict]]  # each medium's question/answer turns, in sequence order
-    grids: list[tuple[int, int, int]]  # each medium's (t, h, w) token grid
-    size: int  # the media's side in pixels
 
 
 def accuracy(
@@ -399,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--init", help="continue from this trained checkpoint (its card's sizes; new samples only)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="run in this order")
     parser.add_argument("--minutes", nargs="+", type=float, help="one per stage (default: 40 10 25 for the three)")
-    parser.add_argument("--lr", nargs="+", type=float, help="one per stage (default: 2.5e-3 1e-3 5e-4)")
+    parser.add_argument("--lr", nargs="+", type=float, help="one per stage (default: 1e-3 1e-3 5e-4)")
     parser.add_argument("--hidden", type=int, default=128, help="LLM width")
     parser.add_argument("--layers", type=int, default=4, help="LLM layers")
     parser.add_argument("--vision-hidden", type=int, default=96)
@@ -422,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--attention-weight",
         type=float,
-        default=1.0,
+        default=0.0,
         help="weight of the loss that teaches head 0 of the last two LLM layers to attend from the token before "
         "each answer to the objects it rests on (symbolic and joint stages; 0: off)",
     )
@@ -439,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 DEFAULT_MINUTES = (40.0, 10.0, 25.0)
 """Minutes of each stage by default (symbolic, align, joint): most of the budget to the cheap symbolic stage."""
-DEFAULT_LR = (2.5e-3, 1e-3, 5e-4)
+DEFAULT_LR = (1e-3, 1e-3, 5e-4)
+"""Learning rates of each stage by default: at 2.5e-3 the symbolic stage stalled near the answer prior."""
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -73,7 +74,8 @@ def questions(kind: str, record: dict, rng: np.random.Generator, **params: Any) 
 def generate(kind: str, root: str | os.PathLike, *, n_train: int, n_test: int, seed: int = 0, **params: Any) -> Path:
     """Write ``root/<kind>/`` (jsonl per split, PNGs, meta.json) and return that directory.
 
-    The files are built in ``root/.<kind>.partial`` and moved into place at the end, replacing an earlier
+    The files are built in a fresh ``root/.<kind>.*.partial`` directory (so concurrent generators never share
+    one) and moved into place at the end, replacing an earlier
     generation; a non-empty ``root/<kind>`` without a meta.json is never touched (FileExistsError).
     """
     module = _module(kind)
@@ -82,10 +84,8 @@ def generate(kind: str, root: str | os.PathLike, *, n_train: int, n_test: int, s
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")
     target = Path(root) / kind
     common.check_replaceable(target)
-    staging = Path(root) / f".{kind}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{kind}.", suffix=".partial", dir=root))
     try:
         for split, count in zip(SPLITS, (n_train, n_test), strict=True):
             _write_split(staging, kind, module, split, count, seed, config)
