@@ -4,9 +4,9 @@ A from-scratch VLM learns slowly end to end: the LLM must learn to route from a 
 object it names while the tower is still learning to see. The curriculum splits that:
 
 1. ``symbolic``: the LLM alone learns on clean symbols: each vision token's embedding is replaced, at the
-   LLM's input (positions and masks are the model's own), by the sum of the input embeddings of the colour,
-   shape and quadrant words of the object painting its cell (zero for background).
-   Tying the symbols to the words the questions use lets a question token find its object in one hop.
+   LLM's input (positions and masks are the model's own), by the sum of learned vectors for the colour, shape
+   and quadrant of the object painting its cell (a learned background vector otherwise). (Tying the symbols to
+   the question words' own embeddings was tried and stalled near the answer prior.)
 2. ``align``: the tower and projector learn to produce those symbols from pixels (the LLM is frozen).
 3. ``joint``: the whole model fine-tunes on the answer loss from pixels.
 
