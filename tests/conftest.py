@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,11 +17,17 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from tokred.methods import METHODS  # noqa: E402
+from tokred.methods import METHODS, TokenMerger, TokenReducer  # noqa: E402
 from tokred.zoo import FAMILIES, build  # noqa: E402
 
 EXAMPLES = {name: method.example() for name, method in METHODS.items()}
-"""Every registered method at its example setting: the conformance tests run each of them."""
+EXAMPLES |= {
+    f"{name}+merge": replace(method, merge=True)
+    for name, method in EXAMPLES.items()
+    if isinstance(method, TokenReducer) and not isinstance(method, TokenMerger)
+}
+"""Every registered method at its example setting, and every selecting one also with ``merge=True``: the
+conformance tests run each of them."""
 
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

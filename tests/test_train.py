@@ -14,14 +14,13 @@ from tokred.zoo import build
 from tokred.zoo.curriculum import (
     Symbols,
     attention_loss,
-    quadrant_word,
     recorded_attention,
     symbolic_inputs,
     vision_rows,
 )
 from tokred.zoo.datasets import COLOURS, SHAPES, sample
 from tokred.zoo.datasets.cells import owners
-from tokred.zoo.datasets.shapes import QUADRANTS
+from tokred.zoo.datasets.shapes import QUADRANTS, quadrant
 from tokred.zoo.prompts import chat
 from tokred.zoo.train import Batches, answer_queries, batch_inputs, token_grid, trainable, turns_for
 
@@ -102,14 +101,13 @@ def test_symbols_sum_the_colour_shape_and_quadrant_of_the_object_in_each_cell(ti
     assert (rows[torch.from_numpy(owner < 0)] == symbols.background).all() and (owner >= 0).sum() > 0
     for token in (owner >= 0).nonzero()[0]:
         o = record["objects"][owner[token]]
-        quadrant = QUADRANTS.index(quadrant_word(o["cx"], o["cy"], batch.size))
         expected = (
             symbols.colour.weight[list(COLOURS).index(o["colour"])]
             + symbols.shape.weight[SHAPES.index(o["shape"])]
-            + symbols.quadrant.weight[quadrant]
+            + symbols.quadrant.weight[QUADRANTS.index(quadrant(o["cx"], o["cy"], batch.size))]
         )
         torch.testing.assert_close(rows[token], expected)
-    assert quadrant_word(10, 200, 224) == "bottomleft" and quadrant_word(120, 20, 224) == "topright"
+    assert quadrant(10, 200, 224) == "bottomleft" and quadrant(120, 20, 224) == "topright"
 
 
 def test_the_attention_loss_agrees_with_eager_attention_weights(tiny_trainee, tmp_path):
@@ -139,16 +137,23 @@ def test_the_symbolic_stage_feeds_the_llm_symbols_and_trains_only_its_side(tiny_
     adapter = adapter_for(model)
     symbols = Symbols(model.config.get_text_config().hidden_size)
     rows = symbols.batch(batch.records, batch.grids, batch.size)
-    seen = []
-    handle = adapter.layers[0].register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True,
-    )
+    seen, tower = [], []
+    handles = [
+        adapter.layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        ),
+        adapter.vision_tower.register_forward_pre_hook(lambda *a: tower.append(1)),
+    ]
     try:
         with symbolic_inputs(adapter, lambda: rows):
             model(**batch.inputs)
+        assert not tower  # the symbols stand in for the tower's features: it never runs
+        model(**batch.inputs)
+        assert tower  # and after the block it does again
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     vision = batch.inputs["input_ids"] == model.config.image_token_id
     torch.testing.assert_close(seen[0][vision], rows)
     vision_params = {id(p) for m in (adapter.vision_tower, adapter.projector) for p in m.parameters()}

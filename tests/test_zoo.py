@@ -15,6 +15,7 @@ from transformers.video_utils import VideoMetadata
 
 import tokred.zoo.builders as builders
 from tokred.zoo import FAMILIES, build
+from tokred.zoo.datasets import ANSWERS
 
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
@@ -266,3 +267,12 @@ def test_image_size_lets_qwen_take_half_size_frames_whole(tmp_path) -> None:
         processor = AutoProcessor.from_pretrained(build("qwen2_5_vl", tmp_path / str(size), image_size=size))
         inputs = processor(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[frames], return_tensors="pt")
         assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum()) == tokens
+
+
+def test_every_task_answer_is_one_token(zoo: Zoo) -> None:
+    """An answer's first token decides it: the model makes one choice per answer, and the eval's answer KL
+    (over the first answer token) compares whole answers."""
+    tok = zoo.processor.tokenizer
+    for answer in sorted({a for answers in ANSWERS.values() for a in answers}):
+        for text in (answer, " " + answer):
+            assert len(tok(text, add_special_tokens=False).input_ids) == 1, text

@@ -1,7 +1,19 @@
 """tokred: fewer vision tokens, cheaper caches and lighter weights for transformers VLMs, in one line."""
 
 from tokred.config import KV_SCHEMES, PRESETS, WEIGHT_BITS, Config
-from tokred.methods import METHODS, FastV, KVScheme, Method, Random, TokenMerger, TokenReducer, WeightScheme
+from tokred.methods import (
+    DART,
+    METHODS,
+    CDPruner,
+    DivPrune,
+    FastV,
+    KVScheme,
+    Method,
+    Random,
+    TokenMerger,
+    TokenReducer,
+    WeightScheme,
+)
 from tokred.patch import patch, patched, stats, unpatch
 from tokred.stats import Stats
 
@@ -12,7 +24,10 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "WEIGHT_BITS",
+    "DART",
+    "CDPruner",
     "Config",
+    "DivPrune",
     "FastV",
     "KVScheme",
     "Method",

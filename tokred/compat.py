@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface, Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 SEAMS = (
@@ -193,6 +194,22 @@ def wrap_media_features(outer: nn.Module, kind: str, observe: Callable[[dict[str
         return stock(*args, **kwargs)
 
     setattr(outer, name, observed)
+    return lambda: delattr(outer, name)
+
+
+def given_media_features(outer: nn.Module, kind: str, features: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """Make `outer.get_<kind>_features(...)` return `features()` (the LLM-ready rows of every image or video of
+    the call, in sequence order) without running the vision tower; return the undo."""
+    name = f"get_{kind}_features"
+    stock = getattr(outer, name, None)
+    if stock is None:
+        raise SeamError("media features", f"{type(outer).__name__} has no {name}")
+
+    @functools.wraps(stock)
+    def given(*args, **kwargs):
+        return BaseModelOutputWithPooling(pooler_output=[features()])
+
+    setattr(outer, name, given)
     return lambda: delattr(outer, name)
 
 

@@ -103,16 +103,20 @@ def _parse_method(text: str, stage: str | None = None) -> Method:
     return method(**values)
 
 
-def _value(text: str) -> int | float | None | str:
-    """A field value as written: an integer, a number, ``None``, else the text itself (the method validates it)."""
-    if text == "None":
-        return None
+def _value(text: str) -> bool | int | float | None | str:
+    """A field value as written: ``True``/``False``, an integer, a number, ``None``, else the text itself (the
+    method validates it)."""
+    if text in _WORDS:
+        return _WORDS[text]
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
     return text
+
+
+_WORDS = {"None": None, "True": True, "False": False}
 
 
 def schemes(stage: str) -> tuple[str, ...]:

@@ -13,6 +13,8 @@ class Stats:
 
     vision_tokens: "input", then each stage that ran, mapped to the vision tokens per sample after it.
     kept_positions: per stage, the positions in `input_ids` of each sample's vision tokens still present.
+    merged_groups: per merging stage, per sample, the `input_ids` positions of each group of tokens that
+    became one (groups of one left out), in order of their slots.
     seq_len: LLM layer index -> tokens per sample (padding excluded) from that layer on, where it changes.
     media: per sample, (kind, (t, h, w) token grid or None where the family doesn't make it known) of each
     image or video, in sequence order; its tokens are that sample's "input" positions, in raster order.
@@ -20,12 +22,22 @@ class Stats:
 
     vision_tokens: dict[str, list[int]] = field(default_factory=dict)
     kept_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    merged_groups: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
     seq_len: dict[int, list[int]] = field(default_factory=dict)
     media: list[list[tuple[str, tuple[int, int, int] | None]]] = field(default_factory=list)
 
     def record(self, stage: str, positions: list[torch.Tensor]) -> None:
         self.kept_positions[stage] = [p.sort().values.cpu() for p in positions]
         self.vision_tokens[stage] = [int(p.numel()) for p in positions]
+
+    def record_groups(self, stage: str, batch: int, groups: list[tuple[int, list[torch.Tensor]]]) -> None:
+        """Record a merging stage's groups, given as (sample, its groups) for each merged span."""
+        if not groups:
+            return
+        per_sample: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        for sample, found in groups:
+            per_sample[sample] += [g.sort().values.cpu() for g in found]
+        self.merged_groups[stage] = per_sample
 
     def __str__(self) -> str:
         rows = [f"{stage:>8}: {counts}" for stage, counts in self.vision_tokens.items()]

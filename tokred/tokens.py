@@ -40,11 +40,14 @@ def sample_key(token_ids: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class VisionTokens:
-    """What a method may look at for one span: its embeddings and, inside the LLM, text-to-vision attention."""
+    """What a method may look at for one span: its embeddings, the sample's text at the same point and, inside
+    the LLM, what layer K's attention saw."""
 
     span: Span
     embeds: torch.Tensor  # (n, d) hidden states of the span's tokens at the stage's point
     scores: torch.Tensor | None = None  # (n,) attention from the last text query, where the stage provides it
+    key_norms: torch.Tensor | None = None  # (n,) L2 norm of each token's keys at layer K (all heads), ditto
+    context: torch.Tensor | None = None  # (m, d) the sample's text tokens (no media, no padding), as `embeds`
 
 
 @dataclass(frozen=True)
@@ -73,20 +76,36 @@ class Merge:
 
 
 @dataclass(frozen=True)
+class Folded:
+    """One span's merge as a cut carries it, in positions of the sequence being cut."""
+
+    sample: int
+    slots: torch.Tensor  # (k,) positions whose rows are replaced
+    rows: torch.Tensor  # (k, d) the rows they carry
+    members: torch.Tensor  # (n,) positions of the span's tokens
+    into: torch.Tensor  # (n,) the position of the slot each of them went into
+
+    @classmethod
+    def of(cls, sample: int, positions: torch.Tensor, merge: Merge) -> Folded:
+        """`merge` of the span at `positions` of `sample`."""
+        slots = positions[merge.index.to(positions.device)]
+        return cls(sample, slots, merge.rows, positions, slots[merge.groups.to(positions.device)])
+
+
+@dataclass(frozen=True)
 class Selection:
     index: torch.Tensor  # (B, M) long, ascending positions into the old sequence
     key_valid: torch.Tensor  # (B, M) bool: False for filler, the slots that keep the batch rectangular
     has_filler: bool
     old_len: int
-    # Rows that replace the hidden states at kept positions (merges): (sample, old positions, rows) each.
-    merged: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()
+    merged: tuple[Folded, ...] = ()  # merges: rows that replace the hidden states at kept positions
 
     @classmethod
     def from_keep(
         cls,
         keep: torch.Tensor,
         padding_mask: torch.Tensor | None,
-        merged: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = (),
+        merged: tuple[Folded, ...] = (),
     ) -> Selection | None:
         """Build from a (B, N) bool mask of kept positions, the 2D padding mask the model received and the
         rows merges put at kept positions.
@@ -145,8 +164,8 @@ class Selection:
         """(B, N, d) hidden states -> (B, M, d): merged rows written in at their positions, then the kept taken."""
         if self.merged:
             hidden = hidden.clone()
-            for b, positions, rows in self.merged:
-                hidden[b, positions.to(hidden.device)] = rows.to(hidden)
+            for fold in self.merged:
+                hidden[fold.sample, fold.slots.to(hidden.device)] = fold.rows.to(hidden)
         return self.take_hidden(hidden)
 
     def take_positions(self, position_ids: torch.Tensor) -> torch.Tensor:

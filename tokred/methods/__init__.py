@@ -1,13 +1,19 @@
 """Compression methods, one file each, registered by name with their stage."""
 
 from tokred.methods.base import METHODS, STAGES, KVScheme, Method, TokenMerger, TokenReducer, WeightScheme
+from tokred.methods.cdpruner import CDPruner
+from tokred.methods.dart import DART
+from tokred.methods.divprune import DivPrune
 from tokred.methods.fastv import FastV
 from tokred.methods.random import Random
 from tokred.tokens import Span, VisionTokens
 
 __all__ = [
+    "DART",
     "METHODS",
     "STAGES",
+    "CDPruner",
+    "DivPrune",
     "FastV",
     "KVScheme",
     "Method",

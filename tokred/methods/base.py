@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokred.methods import merging
 from tokred.tokens import Merge, VisionTokens
 
 STAGES = ("frames", "encoder", "pre_llm", "llm", "kv", "weights")
@@ -47,13 +48,17 @@ class TokenReducer(Method):
 
     `keep` is the fraction of each image's or video's tokens that reach the LLM; `keep_tokens`, when given,
     is an absolute count per image or video and wins over `keep`. Counts round half up and never drop
-    below one token: k = min(n, max(1, floor(keep * n + 0.5))).
+    below one token: k = min(n, max(1, floor(keep * n + 0.5))). With `merge`, the dropped tokens are not
+    thrown away: each is folded into the kept token it is most similar to, weighted by `importance`.
     """
 
     keep: float = 0.5
     keep_tokens: int | None = None
+    merge: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.merge, bool):
+            raise TypeError(f"{type(self).__name__}.merge must be True or False, got {self.merge!r}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
             raise TypeError(f"{type(self).__name__}.keep must be a number in (0, 1], got {self.keep!r}")
         if not 0.0 < self.keep <= 1.0 or math.isnan(self.keep):
@@ -84,17 +89,34 @@ class TokenReducer(Method):
         """Return the ascending indices (into the span) of the k tokens to keep."""
         raise NotImplementedError
 
+    def importance(self, tokens: VisionTokens) -> torch.Tensor | None:
+        """(n,) how much each token weighs in a merged mean: the method's own score where it has one (by
+        default the stage's attention scores), None for uniform."""
+        return tokens.scores
+
+    def fold(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> Merge:
+        """What reaches the LLM with `merge` on: the k selected slots, each carrying the `importance`-weighted
+        mean of itself and the dropped tokens most similar to it."""
+        return merging.fold(tokens.embeds, self.select(tokens, k, generator), self.importance(tokens))
+
 
 @dataclass(frozen=True)
 class TokenMerger(TokenReducer):
-    """A token reducer whose dropped tokens live on in the kept ones: `merge` says which k slots survive,
-    the rows they carry (e.g. the mean of their group) and which slot each token went into."""
+    """A token reducer that always merges by its own rule: `fold` says which k slots survive, the rows they
+    carry (e.g. the mean of their group) and which slot each token went into."""
 
-    def merge(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> Merge:
+    merge: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.merge:
+            raise ValueError(f"{type(self).__name__} always merges; merge=False is not a setting of it")
+
+    def fold(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> Merge:
         raise NotImplementedError
 
     def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
-        return self.merge(tokens, k, generator).index
+        return self.fold(tokens, k, generator).index
 
 
 @dataclass(frozen=True)

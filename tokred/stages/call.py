@@ -14,10 +14,13 @@ from typing import Any
 import torch
 
 from tokred.stats import Stats
-from tokred.tokens import Selection, Span
+from tokred.tokens import Folded, Selection, Span
 
 LAST_QUERY = "last_query"
 """Signal: (B, N) attention of each sample's last text query over the sequence at the llm stage's layer K."""
+KEY_NORMS = "key_norms"
+"""Signal: (B, N) L2 norm of each position's keys (all heads) at the llm stage's layer K; rotary embeddings
+leave it unchanged, so it does not depend on a token's absolute position (or its batch's padding)."""
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Call:
         """Record `stage`'s cut, taking effect from LLM layer `layer` on."""
         self.selections[stage] = selection
         if selection is not None:
+            self.stats.record_groups(stage, len(self.spans), [self._merged_groups(f) for f in selection.merged])
             self.spans = selection.remap(self.spans)
             self.maps.append(selection.index)
             self.stats.seq_len[layer] = selection.key_valid.sum(1).tolist()
@@ -48,10 +52,20 @@ class Call:
         out = []
         for b, sample in enumerate(self.spans):
             pos = torch.cat([s.positions for s in sample]) if sample else torch.zeros(0, dtype=torch.long)
-            for index in reversed(self.maps):
-                pos = index[b][pos]
-            out.append(pos)
+            out.append(self._to_input(b, pos))
         return out
+
+    def _to_input(self, sample: int, positions: torch.Tensor) -> torch.Tensor:
+        """Positions of the sequence as it is now -> `input_ids` positions."""
+        for index in reversed(self.maps):
+            positions = index[sample][positions]
+        return positions
+
+    def _merged_groups(self, fold: Folded) -> tuple[int, list[torch.Tensor]]:
+        """(sample, the `input_ids` positions of each group of two or more tokens that `fold` merged into one)."""
+        members, into = self._to_input(fold.sample, fold.members), self._to_input(fold.sample, fold.into)
+        groups = [members[into == slot] for slot in into.unique()]
+        return fold.sample, [g for g in groups if len(g) > 1]
 
     def kept(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For each position the LLM's output has now: its `input_ids` position and whether it is real (not

@@ -19,7 +19,7 @@ from tokred.adapters.base import Adapter
 from tokred.kernels import last_query_attention
 from tokred.methods.base import Method
 from tokred.stages.base import Stage, runtime
-from tokred.stages.call import LAST_QUERY, Call
+from tokred.stages.call import KEY_NORMS, LAST_QUERY, Call
 from tokred.stages.select import choose
 from tokred.tokens import Selection
 
@@ -115,7 +115,8 @@ class LLMStage(Stage):
         state.pending = True
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
-        """Layer K's attention call: the last text query's attention over the keys, on a prefill."""
+        """Layer K's attention call, on a prefill: the last text query's attention over the keys, and each
+        position's key norm."""
         state, call = self._state(), self.current()
         if state is None or self.name in call.given or state.selection is not None or query.shape[2] != state.seq_len:
             return
@@ -126,6 +127,7 @@ class LLMStage(Stage):
             last = (state.text_mask.bool() * torch.arange(state.seq_len, device=query.device)).argmax(1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         call.signals[LAST_QUERY] = last_query_attention(query, key, last, state.text_mask, scale)
+        call.signals[KEY_NORMS] = key.float().square().sum((1, 3)).sqrt()
 
     def _before_layer(self, module, args: tuple, kwargs: dict[str, Any]):
         """Pre-hook of every layer after K; the first one of each forward works out what to change."""
@@ -155,7 +157,10 @@ class LLMStage(Stage):
         call = self.current()
         selection = call.given.get(self.name)
         if selection is None:
-            selection = choose(self.method, call.spans, hidden, state.text_mask, call.signals.get(LAST_QUERY))
+            signals = call.signals
+            selection = choose(
+                self.method, call.spans, hidden, state.text_mask, signals.get(LAST_QUERY), signals.get(KEY_NORMS)
+            )
         state.selection = selection
         call.cut(self.name, selection, layer=self.layer + 1)
         if selection is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tokred.methods.base import TokenMerger, TokenReducer
-from tokred.tokens import Selection, Span, VisionTokens
+from tokred.methods.base import TokenReducer
+from tokred.tokens import Folded, Selection, Span, VisionTokens
 
 
 def choose(
@@ -14,9 +14,11 @@ def choose(
     hidden: torch.Tensor,
     padding_mask: torch.Tensor | None,
     scores: torch.Tensor | None = None,
+    key_norms: torch.Tensor | None = None,
 ) -> Selection | None:
     """The cut `method` makes of a (B, N, d) batch: every text token and the vision tokens it keeps in each
-    span, with a merger's rows at the kept positions; None when it keeps everything.
+    span, with the merged rows at the kept positions; None when it keeps everything. `scores` and
+    `key_norms` are (B, N) per-position signals of the stage, where it has them.
 
     Each span gets its own generator, seeded from the method's `seed` and the span's key, so a sample's
     choice is the same alone and in any batch.
@@ -25,6 +27,7 @@ def choose(
     keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     merged = []
     for b, sample in enumerate(spans):
+        text = _text_positions(sample, hidden[b], None if padding_mask is None else padding_mask[b])
         for span in sample:
             n, k = len(span), method.budget(len(span))
             if k == n:
@@ -33,16 +36,27 @@ def choose(
                 span,
                 hidden[b, span.positions],
                 None if scores is None else scores[b, span.positions],
+                None if key_norms is None else key_norms[b, span.positions],
+                hidden[b, text],
             )
             generator = span.generator(seed)
-            if isinstance(method, TokenMerger):
-                merge = method.merge(tokens, k, generator)
+            if method.merge:
+                merge = method.fold(tokens, k, generator)
                 merge.check(n, k, hidden.shape[-1])
                 chosen = merge.index.to(span.positions.device)
-                merged.append((b, span.positions[chosen], merge.rows))
+                merged.append(Folded.of(b, span.positions, merge))
             else:
                 chosen = method.select(tokens, k, generator).to(span.positions.device)
             dropped = torch.ones(n, dtype=torch.bool, device=span.positions.device)
             dropped[chosen] = False
             keep[b, span.positions[dropped]] = False
     return Selection.from_keep(keep, padding_mask, tuple(merged))
+
+
+def _text_positions(sample: list[Span], hidden: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """(m,) the positions of one sample's text tokens in its (N, d) `hidden`: neither media nor padding."""
+    length = hidden.shape[0]
+    text = torch.ones(length, dtype=torch.bool, device=hidden.device) if padding is None else padding[:length] != 0
+    for span in sample:
+        text[span.positions.to(hidden.device)] = False
+    return text.nonzero()[:, 0]

@@ -40,7 +40,7 @@ __all__ = ["FAMILIES", "MARKER", "build", "default_cache_dir"]
 MARKER = ".tokred-build.json"
 """File written last into a finished build; its content decides whether a cached build is reused."""
 
-_FORMAT = 1  # bump when the builders change in a way that invalidates cached checkpoints
+_FORMAT = 2  # bump when the builders change in a way that invalidates cached checkpoints
 
 FAMILIES: tuple[str, ...] = tuple(BUILDERS)
 """Supported families: ``("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")``."""

@@ -3,10 +3,10 @@
 A from-scratch VLM learns slowly end to end: the LLM must learn to route from a question to the tokens of the
 object it names while the tower is still learning to see. The curriculum splits that:
 
-1. ``symbolic``: the LLM alone learns on clean symbols: each vision token's embedding is replaced, at the
-   LLM's input (positions and masks are the model's own), by the sum of learned vectors for the colour, shape
-   and quadrant of the object painting its cell (a learned background vector otherwise). (Tying the symbols to
-   the question words' own embeddings was tried and stalled near the answer prior.)
+1. ``symbolic``: the LLM alone learns on clean symbols: each vision token is, in place of the tower's
+   features (the tower does not run; positions and masks are the model's own), the sum of learned vectors for
+   the colour, shape and quadrant of the object painting its cell (a learned background vector otherwise).
+   (Tying the symbols to the question words' own embeddings was tried and stalled near the answer prior.)
 2. ``align``: the tower and projector learn to produce those symbols from pixels (the LLM is frozen).
 3. ``joint``: the whole model fine-tunes on the answer loss from pixels.
 
@@ -25,13 +25,9 @@ from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.zoo.datasets.cells import owners
 from tokred.zoo.datasets.common import COLOURS, SHAPES
-from tokred.zoo.datasets.shapes import QUADRANTS
+from tokred.zoo.datasets.shapes import QUADRANTS, quadrant
 
 STAGES = ("symbolic", "align", "joint")
-
-
-def quadrant_word(cx: float, cy: float, size: int) -> str:
-    return ("top" if cy < size / 2 else "bottom") + ("left" if cx < size / 2 else "right")
 
 
 class Symbols(nn.Module):
@@ -59,7 +55,7 @@ class Symbols(nn.Module):
                 [
                     list(COLOURS).index(o["colour"]),
                     SHAPES.index(o["shape"]),
-                    QUADRANTS.index(quadrant_word(cx, cy, size)),
+                    QUADRANTS.index(quadrant(cx, cy, size)),
                 ]
             )
         index = index.to(self.background.device)
@@ -79,28 +75,15 @@ def vision_mask(adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def symbolic_inputs(adapter: Adapter, rows: Callable[[], torch.Tensor]) -> Iterator[None]:
-    """Inside the block, the LLM's input embeddings at the vision positions of each prefill are `rows()` (in
-    sequence order); everything else (positions, masks, decode steps) is what the model computed."""
-    vision: list[torch.Tensor] = []
-
-    def read(module, args, kwargs):
-        vision[:] = [vision_mask(adapter, compat.forward_arguments(module, args, kwargs)["input_ids"])]
-
-    def replace(_module, args, kwargs):
-        embeds = kwargs["inputs_embeds"]
-        if vision and vision[0].shape == embeds.shape[:2] and vision[0].any():
-            kwargs["inputs_embeds"] = embeds.masked_scatter(vision[0][..., None], rows().to(embeds))
-        return args, kwargs
-
-    handles = [
-        adapter.outer.register_forward_pre_hook(read, with_kwargs=True),
-        adapter.language_model.register_forward_pre_hook(replace, with_kwargs=True),
-    ]
+    """Inside the block, the model's image and video features are `rows()` (the batch's vision tokens in
+    sequence order) and its vision tower never runs; everything else (positions, masks, decode steps) is the
+    model's own."""
+    undo = [compat.given_media_features(adapter.outer, kind, rows) for kind in adapter.token_ids()]
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for handle in undo:
+            handle()
 
 
 class _Captured(Exception):

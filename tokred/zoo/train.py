@@ -281,7 +281,7 @@ def run_stage(
     def measure() -> dict:
         model.eval()
         seen = symbols if stage == "symbolic" else None
-        result = {k: accuracy(model, processor, k, args.curve_n, args.seed, symbols=seen)["all"] for k in tasks}
+        result = {k: accuracy(model, processor, k, args.curve_n, args.seed, symbols=seen) for k in tasks}
         model.train()
         return {"minutes": round((time.monotonic() - start) / 60, 1), "step": step, "accuracy": result}
 

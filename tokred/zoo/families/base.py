@@ -12,6 +12,8 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 
+from tokred.zoo.datasets import ANSWERS
+
 # Text-model defaults shared by every family; ``build(**text)`` updates them.
 _TEXT_DEFAULTS: dict[str, Any] = {
     "hidden_size": 64,
@@ -27,7 +29,8 @@ _TEXT_DEFAULTS: dict[str, Any] = {
 # tokenizer
 # --------------------------------------------------------------------------------------------
 
-# Words the BPE merges are trained on; anything else still encodes byte by byte.
+# Words the BPE merges are trained on (with every task answer, so that each answer is one token); anything else
+# still encodes byte by byte.
 _CORPUS = (
     "what which where how many is are was the a an of in on at to this that these there it "
     "colour color shape size circle square triangle rectangle star line dot object objects "
@@ -58,14 +61,14 @@ def _train_tokenizer(special_tokens: list[str], bos: str | None) -> Tokenizer:
 
     Training is deterministic (checked across processes), so equal seeds give equal checkpoints.
     """
-    words = _CORPUS.split()
+    words = list(dict.fromkeys(_CORPUS.split() + sorted({a for answers in ANSWERS.values() for a in answers})))
     words += [w.capitalize() for w in words]
     corpus = [" ".join(words)] * 4 + ["\n".join(words)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])

@@ -1,0 +1,130 @@
+"""Each method's defining rule on plain tensors: the property that makes it that method, and agreement with a
+reference written from its paper's definition (deliberate differences are in the methods' docstrings)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import tokred
+from tokred.methods.cdpruner import conditional_kernel, greedy_map, relevance
+from tokred.methods.dart import least_duplicated
+from tokred.methods.divprune import max_min_diverse
+from tokred.tokens import Span, VisionTokens
+
+
+def tokens(embeds: torch.Tensor, **signals) -> VisionTokens:
+    return VisionTokens(Span("image", torch.arange(len(embeds))), embeds, **signals)
+
+
+def cosine_distance(x: torch.Tensor) -> torch.Tensor:
+    unit = F.normalize(x, dim=-1)
+    return 1 - unit @ unit.T
+
+
+def min_pairwise(x: torch.Tensor, index: torch.Tensor) -> float:
+    d = cosine_distance(x[index])
+    return float(d[~torch.eye(len(index), dtype=torch.bool)].min())
+
+
+def random_subsets(n: int, k: int, count: int = 50) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randperm(n, generator=g)[:k].sort().values for _ in range(count)]
+
+
+# -- DivPrune -------------------------------------------------------------------------------------------------
+def test_divprune_follows_the_max_min_greedy_of_its_definition():
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    d = cosine_distance(x)
+    reference = [max(range(40), key=lambda i: min(float(d[i, j]) for j in range(40) if j != i))]
+    while len(reference) < 10:
+        rest = [i for i in range(40) if i not in reference]
+        reference.append(max(rest, key=lambda i: min(float(d[i, j]) for j in reference)))
+    assert max_min_diverse(x, 10).tolist() == reference
+
+
+def test_divprune_keeps_a_more_diverse_set_than_random():
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    kept = tokred.DivPrune().select(tokens(x), 8, torch.Generator())
+    assert min_pairwise(x, kept) > max(min_pairwise(x, r) for r in random_subsets(64, 8))
+
+
+def test_divprune_never_repeats_a_token_among_duplicates():
+    x = torch.ones(6, 4)  # every distance zero
+    assert sorted(max_min_diverse(x, 4).tolist()) == sorted(set(max_min_diverse(x, 4).tolist()))
+
+
+# -- DART -----------------------------------------------------------------------------------------------------
+def test_dart_drops_the_duplicates_of_its_pivots_first():
+    g = torch.Generator().manual_seed(3)
+    distinct = torch.randn(6, 8, generator=g)
+    x = torch.cat([distinct, distinct[2:3].expand(4, 8)])  # tokens 6..9 copy token 2
+    norms = torch.arange(10.0)
+    norms[2] = 100.0  # token 2 is the pivot
+    kept = tokred.DART(pivots=1).select(tokens(x, key_norms=norms), 6, torch.Generator())
+    assert kept.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_dart_shares_the_budget_among_pivots_as_defined():
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(4))
+    norms = torch.rand(30, generator=torch.Generator().manual_seed(5))
+    pivots = norms.topk(3).indices
+    unit = F.normalize(x, dim=-1)
+    reference = set(pivots.tolist())
+    for i, p in enumerate(pivots.tolist()):  # 11 more tokens: shares 4, 4, 3
+        rest = sorted(set(range(30)) - reference, key=lambda j: float(unit[j] @ unit[p]))
+        reference |= set(rest[: (4, 4, 3)[i]])
+    assert least_duplicated(x, pivots, 14).tolist() == sorted(reference)
+    assert tokred.DART(pivots=3).select(tokens(x, key_norms=norms), 14, torch.Generator()).tolist() == sorted(
+        reference
+    )
+
+
+# -- CDPruner -------------------------------------------------------------------------------------------------
+def test_cdpruner_greedy_map_adds_the_largest_log_determinant_each_step():
+    g = torch.Generator().manual_seed(6)
+    x, text = torch.randn(20, 8, generator=g), torch.randn(5, 8, generator=g)
+    kernel = conditional_kernel(x, text).double()
+    reference: list[int] = []
+    for _ in range(6):
+        rest = [j for j in range(20) if j not in reference]
+        reference.append(max(rest, key=lambda j: float(torch.logdet(kernel[reference + [j]][:, reference + [j]]))))
+    assert greedy_map(kernel, 6).tolist() == reference
+    unit = F.normalize(x, dim=-1)
+    r = relevance(x, text)
+    torch.testing.assert_close(kernel.float(), r[:, None] * (unit @ unit.T) * r[None])
+    assert float(r.max()) == 1.0 and float(r.min()) > 0
+
+
+def test_cdpruner_keeps_a_set_of_larger_log_determinant_than_random():
+    g = torch.Generator().manual_seed(7)
+    x, text = torch.randn(48, 8, generator=g), torch.randn(4, 8, generator=g)
+    kernel = conditional_kernel(x, text).double()
+    kept = tokred.CDPruner().select(tokens(x, context=text), 6, torch.Generator())
+
+    def logdet(index):
+        return float(torch.logdet(kernel[index][:, index]))
+
+    assert logdet(kept) > max(logdet(r) for r in random_subsets(48, 6))
+
+
+def test_cdpruner_weights_the_instruction():
+    """The same tokens under two prompts: the kept set follows the text."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(32, 8, generator=g)
+    picks = {
+        tuple(tokred.CDPruner().select(tokens(x, context=torch.randn(3, 8, generator=g)), 6, torch.Generator()))
+        for _ in range(4)
+    }
+    assert len(picks) > 1
+
+
+def test_every_rule_keeps_exactly_k_distinct_tokens():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(24, 8, generator=g)
+    view = tokens(x, key_norms=torch.rand(24, generator=g), context=torch.randn(3, 8, generator=g))
+    for method, k in itertools.product((tokred.DivPrune(), tokred.DART(pivots=4), tokred.CDPruner()), (1, 5, 23)):
+        kept = method.select(view, k, torch.Generator())
+        assert kept.tolist() == sorted(set(kept.tolist())) and len(kept) == k, (method, k)
