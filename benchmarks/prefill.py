@@ -34,6 +34,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Qwen2_5_VLConfig
 
 import tokred
+from tokred.adapters import adapter_for
 from tokred.zoo import build
 
 STOCK = "stock"
@@ -269,8 +270,8 @@ def measure(model: PreTrainedModel, inputs: dict, names: list[str], repeats: int
     """Warm every configuration up, then `repeats` rounds over all of them, the order rotated each round."""
     device = next(model.parameters()).device
     clock = Clock(device)
-    outer = model.model
-    sections = Sections(clock, {"vision": outer.visual, "llm": outer.language_model})
+    adapter = adapter_for(model)
+    sections = Sections(clock, {"vision": adapter.vision_tower, "llm": adapter.language_model})
     results = {name: Result(name) for name in names}
     try:
         with torch.inference_mode():

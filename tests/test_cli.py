@@ -15,7 +15,7 @@ def test_info_lists_families_methods_and_presets(capsys):
     out = capsys.readouterr().out
     assert re.search(r"qwen3_vl\s+Qwen3VLForConditionalGeneration\s+fastv-50", out)
     assert re.search(r"fastv\s+llm", out) and re.search(r"random\s+pre_llm", out)
-    assert "fastv-25         FastV(keep=0.25, keep_tokens=None, layer=2)" in out
+    assert "fastv-25         fastv:keep=0.25\n" in out and "none             no compression" in out
 
 
 def test_run_reports_the_cut(capsys, monkeypatch, tmp_path):

@@ -38,8 +38,8 @@ def test_text_shows_only_what_differs_from_the_defaults_in_pipeline_order():
 @pytest.mark.parametrize(
     ("text", "error", "match"),
     [
-        ("tome:keep=0.5", ValueError, r"unknown preset or method 'tome'.*fastv-25.*methods are: fastv, random"),
-        ("fastv:lyr=2", ValueError, r"fastv has no field 'lyr'.*its fields are: keep, keep_tokens, layer"),
+        ("tome:keep=0.5", ValueError, r"unknown preset or method 'tome'.*fastv-25.*methods are: cdpruner, dart, divpr"),
+        ("fastv:lyr=2", ValueError, r"fastv has no field 'lyr'.*fields are: keep, keep_tokens, merge, mass, keep_"),
         ("fastv:layer", ValueError, r"fastv has no field 'layer'"),
         ("fastv:layer=2.5", ValueError, r"FastV.layer must be an integer"),
         ("random:keep=2", ValueError, r"keep must be in \(0, 1\]"),
@@ -107,3 +107,20 @@ def test_methods_register_only_as_their_stage_takes():
     with pytest.raises(TypeError, match="a method for stage 'pre_llm' must be a TokenReducer, not ToyKV"):
         register("toy-pre", stage="pre_llm")(ToyKV)
     assert "random-kv" not in METHODS and "toy-pre" not in METHODS
+
+
+def test_auto_budgets_are_checked_where_they_are_set():
+    method = tokred.FastV(keep="auto", mass=0.8, keep_min=0.1, keep_max=0.5)
+    assert tokred.Config.parse(str(tokred.Config(method))) == tokred.Config(method)
+    assert str(tokred.Config(method)) == "fastv:keep=auto:mass=0.8:keep_min=0.1:keep_max=0.5"
+    for kwargs, error, match in (
+        ({"keep": "auto", "keep_min": 0.6, "keep_max": 0.3}, ValueError, r"keep_min=0.6 is above keep_max=0.3"),
+        ({"keep": "auto", "mass": 1.5}, ValueError, r"FastV.mass must be a number in \(0, 1\], got 1.5"),
+        ({"keep": "auto", "keep_tokens": 4}, ValueError, "leave keep_tokens unset"),
+        ({"keep": 0.5, "mass": 0.5}, ValueError, "apply only with keep='auto'"),
+        ({"keep": "most"}, TypeError, r"keep must be a number in \(0, 1\] or 'auto', got 'most'"),
+    ):
+        with pytest.raises(error, match=match):
+            tokred.FastV(**kwargs)
+    with pytest.raises(ValueError, match="Random has no importance scores to size keep='auto' by; methods that do: "):
+        tokred.Random(keep="auto")

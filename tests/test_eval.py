@@ -84,11 +84,11 @@ def test_cli_outputs_exist_and_agree(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--methods", "prune-it", "--keep", "0.5"], "unknown method.*prune-it.*fastv, random"),
+        (["--methods", "prune-it", "--keep", "0.5"], "unknown method.*prune-it.*divprune, fastv, random"),
         (["--methods", "fastv"], "needs at least one --keep"),
         (
             ["--keep", "0.5"],
-            r"--keep needs --methods, the methods to run at those ratios \(methods are: fastv, random\)",
+            r"--keep needs --methods, the methods to run at those ratios \(methods are: cdpruner, dart, divprune",
         ),
         (["--methods", "fastv", "--keep", "1.5"], "keep.*1.5"),
         (["--recipes", "fastv-99"], "unknown recipe.*fastv-99.*fastv-50"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tokred
-from tokred.methods.merging import fold
+from tokred.methods.merging import fold_into_kept
 from tokred.tokens import Merge, VisionTokens
 
 
@@ -120,7 +120,7 @@ def test_a_malformed_merge_is_named():
 def test_fold_joins_each_dropped_token_to_its_most_similar_kept_one_as_a_weighted_mean():
     torch.manual_seed(0)
     embeds, weights, index = torch.randn(12, 6), torch.rand(12) + 0.1, torch.tensor([1, 4, 7, 10])
-    merge = fold(embeds, index, weights)
+    merge = fold_into_kept(embeds, index, weights)
     merge.check(12, 4, 6)
     for i in range(12):
         similarity = [torch.cosine_similarity(embeds[i], embeds[j], dim=0) for j in index]
@@ -129,9 +129,9 @@ def test_fold_joins_each_dropped_token_to_its_most_similar_kept_one_as_a_weighte
         members = merge.groups == slot
         mean = (embeds[members] * weights[members, None]).sum(0) / weights[members].sum()
         torch.testing.assert_close(merge.rows[slot], mean)
-    uniform = fold(embeds, index)
+    uniform = fold_into_kept(embeds, index)
     torch.testing.assert_close(uniform.rows[0], embeds[uniform.groups == 0].mean(0))
-    weightless = fold(embeds, index, torch.zeros(12))  # a group whose weights are all zero is averaged evenly
+    weightless = fold_into_kept(embeds, index, torch.zeros(12))  # a group whose weights are all zero is averaged evenly
     torch.testing.assert_close(weightless.rows, uniform.rows)
 
 
@@ -153,7 +153,7 @@ def test_merge_true_folds_the_dropped_tokens_and_stats_report_the_groups(tiny):
     image = tiny.model.config.image_token_id
     for b, kept in enumerate(stats.kept_positions["pre_llm"]):
         positions = (inputs["input_ids"][b] == image).nonzero()[:, 0]
-        merge = fold(full[b, positions], torch.searchsorted(positions, kept))
+        merge = fold_into_kept(full[b, positions], torch.searchsorted(positions, kept))
         torch.testing.assert_close(cut[b, torch.searchsorted(index[b], kept)], merge.rows, rtol=1e-5, atol=1e-5)
         groups = stats.merged_groups["pre_llm"][b]
         expected = [positions[merge.groups == slot] for slot in range(len(kept))]

@@ -329,3 +329,21 @@ def test_labels_are_cut_with_the_tokens(tiny):
     shifted = torch.nn.functional.pad(labels[0], (0, 1), value=-100)[1:]
     assert fastv.logits.shape[1] == len(positions)
     assert torch.allclose(fastv.loss, torch.nn.functional.cross_entropy(fastv.logits[0], shifted[positions]))
+
+
+def test_fastv_auto_keeps_the_fewest_tokens_holding_the_attention_mass(tiny):
+    """keep="auto": per sample, the smallest top set of eager attention (last query, head mean) whose share of
+    the image's attention reaches `mass`, within the bounds."""
+    inputs, layer = tiny.batch(), 1
+    attentions = tiny.load(attn_implementation="eager")(**inputs, output_attentions=True).attentions[layer]
+    image_id = tiny.model.config.image_token_id
+    for mass, low, high in ((0.5, 0.05, 1.0), (0.9, 0.05, 0.3)):
+        with tokred.patched(tiny.model, FastV(layer=layer, keep="auto", mass=mass, keep_min=low, keep_max=high)):
+            tiny.model(**inputs)
+            kept = tokred.stats(tiny.model).kept_positions["llm"]
+        for b in range(len(kept)):
+            positions = (inputs["input_ids"][b] == image_id).nonzero()[:, 0]
+            scores = attentions[b, :, -1].mean(0)[positions]
+            share = scores.sort(descending=True).values.cumsum(0) / scores.sum()
+            k = min(max(int((share < mass).sum()) + 1, budget(len(positions), low)), budget(len(positions), high))
+            assert kept[b].tolist() == positions[scores.topk(k).indices].sort().values.tolist(), (mass, b)

@@ -77,9 +77,7 @@ def test_dart_shares_the_budget_among_pivots_as_defined():
         rest = sorted(set(range(30)) - reference, key=lambda j: float(unit[j] @ unit[p]))
         reference |= set(rest[: (4, 4, 3)[i]])
     assert least_duplicated(x, pivots, 14).tolist() == sorted(reference)
-    assert tokred.DART(pivots=3).select(tokens(x, key_norms=norms), 14, torch.Generator()).tolist() == sorted(
-        reference
-    )
+    assert tokred.DART(pivots=3).select(tokens(x, key_norms=norms), 14, torch.Generator()).tolist() == sorted(reference)
 
 
 # -- CDPruner -------------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ def info(args: argparse.Namespace) -> None:
     print("methods (name -> stage):")
     for name, method in METHODS.items():
         print(f"  {name:<16} {method.stage}")
-    print("presets:")
+    print("presets (name -> recipe):")
     for name, config in PRESETS.items():
-        print(f"  {name:<16} {', '.join(map(repr, config.prune)) or 'no compression'}")
+        print(f"  {name:<16} {config if config.methods else 'no compression'}")
 
 
 def zoo(args: argparse.Namespace) -> None:
@@ -167,6 +167,16 @@ def _device(name: str) -> str:
     return name
 
 
+def _keep(text: str) -> float | str:
+    """A --keep value: a ratio, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a keep ratio in (0, 1] or auto, got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokred", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_parser = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
     eval_parser.add_argument("--model", help=MODEL_HELP)
     eval_parser.add_argument("--methods", nargs="+", default=[], help="methods to run at each --keep ratio")
-    eval_parser.add_argument("--keep", nargs="+", type=float, default=[], help="keep ratios for --methods")
+    eval_parser.add_argument(
+        "--keep", nargs="+", type=_keep, default=[], help="keep ratios for --methods, or auto (sized per input)"
+    )
     eval_parser.add_argument(
         "--recipes",
         nargs="+",

@@ -32,7 +32,7 @@ class Setting:
     name: str
     config: tokred.Config | str  # a Config or its text form
     method: str = "stock"
-    keep: float = 1.0
+    keep: float | str = 1.0  # a ratio, or "auto" (the budget is sized per input)
 
 
 STOCK = Setting("stock", "none")
@@ -40,7 +40,7 @@ STOCK = Setting("stock", "none")
 
 def grid(
     methods: Sequence[str] = (),
-    keeps: Sequence[float] = (),
+    keeps: Sequence[float | str] = (),
     recipes: Sequence[str] = (),
     kv: str = "none",
     weights: str = "none",
@@ -58,7 +58,7 @@ def grid(
             f"(methods are: {', '.join(sorted(tokred.METHODS))})"
         )
     tokred.Config().with_schemes(kv, weights)  # an unknown scheme is refused even with no recipe to add it to
-    named = [(f"{m} keep {k:g}", f"{m}:keep={k}") for m in methods for k in keeps] + [(t, t) for t in recipes]
+    named = [(f"{m} keep {_ratio(k)}", f"{m}:keep={k}") for m in methods for k in keeps] + [(t, t) for t in recipes]
     settings = [STOCK]
     for name, text in named:
         try:
@@ -71,6 +71,10 @@ def grid(
     return settings
 
 
+def _ratio(keep: float | str) -> str:
+    return keep if isinstance(keep, str) else f"{keep:g}"
+
+
 @dataclass
 class Row:
     """The measurements of one setting on one task (means are per question unless named per batch)."""
@@ -78,7 +82,7 @@ class Row:
     task: str
     setting: str
     method: str
-    keep: float
+    keep: float | str
     questions: int
     accuracy: float
     relative_accuracy: float | None

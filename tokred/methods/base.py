@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokred.methods import merging
+from tokred.methods.merging import fold_into_kept
 from tokred.tokens import Merge, VisionTokens
 
 STAGES = ("frames", "encoder", "pre_llm", "llm", "kv", "weights")
@@ -50,29 +50,78 @@ class TokenReducer(Method):
     is an absolute count per image or video and wins over `keep`. Counts round half up and never drop
     below one token: k = min(n, max(1, floor(keep * n + 0.5))). With `merge`, the dropped tokens are not
     thrown away: each is folded into the kept token it is most similar to, weighted by `importance`.
+
+    ``keep="auto"`` (methods with importance scores, `scored`) sizes the budget per input, ZipVL's way: the
+    fewest tokens whose scores cover a share `mass` of the span's total, held between the fractions
+    `keep_min` and `keep_max` (rounded as above), so an input whose attention is concentrated keeps fewer.
     """
 
-    keep: float = 0.5
+    keep: float | str = 0.5
     keep_tokens: int | None = None
     merge: bool = False
+    mass: float = 0.9
+    keep_min: float = 0.05
+    keep_max: float = 1.0
+
+    scored: ClassVar[bool] = False
+    """Whether `importance` gives scores at the method's stage (what ``keep="auto"`` spends)."""
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if not isinstance(self.merge, bool):
-            raise TypeError(f"{type(self).__name__}.merge must be True or False, got {self.merge!r}")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
-            raise TypeError(f"{type(self).__name__}.keep must be a number in (0, 1], got {self.keep!r}")
-        if not 0.0 < self.keep <= 1.0 or math.isnan(self.keep):
-            raise ValueError(f"{type(self).__name__}.keep must be in (0, 1], got {self.keep!r}")
+            raise TypeError(f"{name}.merge must be True or False, got {self.merge!r}")
+        if self.keep == "auto":
+            self._check_auto()
+        elif isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
+            raise TypeError(f"{name}.keep must be a number in (0, 1] or 'auto', got {self.keep!r}")
+        elif not 0.0 < self.keep <= 1.0 or math.isnan(self.keep):
+            raise ValueError(f"{name}.keep must be in (0, 1] or 'auto', got {self.keep!r}")
+        elif (self.mass, self.keep_min, self.keep_max) != (0.9, 0.05, 1.0):
+            raise ValueError(f"{name}: mass, keep_min and keep_max apply only with keep='auto', got keep={self.keep}")
         if self.keep_tokens is not None and (
             isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int) or self.keep_tokens < 1
         ):
-            raise ValueError(f"{type(self).__name__}.keep_tokens must be an integer >= 1, got {self.keep_tokens!r}")
+            raise ValueError(f"{name}.keep_tokens must be an integer >= 1, got {self.keep_tokens!r}")
+
+    def _check_auto(self) -> None:
+        name = type(self).__name__
+        if not self.scored:
+            scored = sorted(n for n, m in METHODS.items() if issubclass(m, TokenReducer) and m.scored)
+            raise ValueError(
+                f"{name} has no importance scores to size keep='auto' by; methods that do: {', '.join(scored)}"
+            )
+        if self.keep_tokens is not None:
+            raise ValueError(f"{name}: keep='auto' sizes the budget itself; leave keep_tokens unset")
+        for field in ("mass", "keep_min", "keep_max"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}.{field} must be a number in (0, 1], got {value!r}")
+        if self.keep_min > self.keep_max:
+            raise ValueError(
+                f"{name}: keep_min={self.keep_min} is above keep_max={self.keep_max}; "
+                "the bounds must satisfy 0 < keep_min <= keep_max <= 1"
+            )
 
     def budget(self, n: int) -> int:
-        """How many of a span's n tokens this method keeps."""
+        """How many of a span's n tokens a fixed budget keeps."""
         if self.keep_tokens is not None:
             return min(n, self.keep_tokens)
-        return min(n, max(1, math.floor(self.keep * n + 0.5)))
+        if self.keep == "auto":
+            raise ValueError(f"{type(self).__name__}(keep='auto') has no fixed budget: it depends on the input")
+        return _count(self.keep, n)
+
+    def count(self, tokens: VisionTokens) -> int:
+        """How many of the span's tokens to keep: the fixed `budget`, or with ``keep="auto"`` the fewest whose
+        importance covers `mass` of the total, within the bounds."""
+        n = len(tokens.span)
+        if self.keep != "auto":
+            return self.budget(n)
+        scores = self.importance(tokens)
+        if scores is None:
+            raise RuntimeError(f"{type(self).__name__}(keep='auto') got no importance scores at its stage")
+        share = scores.float().sort(descending=True).values.cumsum(0) / scores.float().sum().clamp_min(1e-12)
+        k = int((share < self.mass).sum()) + 1
+        return min(max(k, _count(self.keep_min, n)), _count(self.keep_max, n))
 
     @classmethod
     def example(cls) -> TokenReducer:
@@ -83,7 +132,7 @@ class TokenReducer(Method):
         return self.keep_tokens is None and self.keep == 1.0
 
     def as_idle(self) -> TokenReducer:
-        return dataclasses.replace(self, keep=1.0, keep_tokens=None)
+        return dataclasses.replace(self, keep=1.0, keep_tokens=None, mass=0.9, keep_min=0.05, keep_max=1.0)
 
     def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
         """Return the ascending indices (into the span) of the k tokens to keep."""
@@ -97,7 +146,7 @@ class TokenReducer(Method):
     def fold(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> Merge:
         """What reaches the LLM with `merge` on: the k selected slots, each carrying the `importance`-weighted
         mean of itself and the dropped tokens most similar to it."""
-        return merging.fold(tokens.embeds, self.select(tokens, k, generator), self.importance(tokens))
+        return fold_into_kept(tokens.embeds, self.select(tokens, k, generator), self.importance(tokens))
 
 
 @dataclass(frozen=True)
@@ -135,6 +184,11 @@ class WeightScheme(Method):
     def bit_map(self, model: nn.Module) -> dict[str, int]:
         """Qualified name of each linear layer to quantize -> its bit width."""
         raise NotImplementedError
+
+
+def _count(fraction: float, n: int) -> int:
+    """A fraction of n tokens, rounded half up, at least one."""
+    return min(n, max(1, math.floor(fraction * n + 0.5)))
 
 
 KINDS: dict[str, type[Method]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -13,9 +14,11 @@ from tokred.tokens import VisionTokens
 @register("fastv", stage="llm")
 @dataclass(frozen=True)
 class FastV(TokenReducer):
-    """`layer` is K: layers 0..K see every token, layers after K only the kept ones."""
+    """`layer` is K: layers 0..K see every token, layers after K only the kept ones. Its importance is that
+    attention, so ``keep="auto"`` keeps the fewest tokens holding `mass` of it."""
 
     layer: int = 2
+    scored: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

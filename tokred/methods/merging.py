@@ -35,7 +35,7 @@ def group_means(embeds: torch.Tensor, groups: torch.Tensor, k: int, weights: tor
     return (sums / total[:, None]).to(embeds.dtype)
 
 
-def fold(embeds: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> Merge:
+def fold_into_kept(embeds: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> Merge:
     """The merge that keeps the slots at `index` (ascending) and folds every other token into its most similar
     kept one, each slot carrying its group's `weights`-weighted mean."""
     groups = nearest_kept(embeds, index)

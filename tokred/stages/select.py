@@ -29,9 +29,6 @@ def choose(
     for b, sample in enumerate(spans):
         text = _text_positions(sample, hidden[b], None if padding_mask is None else padding_mask[b])
         for span in sample:
-            n, k = len(span), method.budget(len(span))
-            if k == n:
-                continue
             tokens = VisionTokens(
                 span,
                 hidden[b, span.positions],
@@ -39,6 +36,9 @@ def choose(
                 None if key_norms is None else key_norms[b, span.positions],
                 hidden[b, text],
             )
+            n, k = len(span), method.count(tokens)
+            if k == n:
+                continue
             generator = span.generator(seed)
             if method.merge:
                 merge = method.fold(tokens, k, generator)

@@ -6,7 +6,7 @@ backends run through the public dispatcher and are timed with triton.testing.do_
 timed runs after warm-up, L2 flushed in between); speed-up = torch / triton, and key GB/s is the kernel's
 rate over the keys it must read once. CPU: triton's interpreter on small shapes, a correctness check only.
 
-    python benchmarks/kernels.py [--quick] [--out results/kernels.json]
+    python benchmarks/triton_kernels.py [--quick] [--out results/kernels.json]
 """
 
 from __future__ import annotations
