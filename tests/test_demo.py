@@ -15,7 +15,7 @@ from PIL import Image
 
 import tokred
 from tokred.cli import default_model, main
-from tokred.demo.compare import Run, kept_cells, recipe, stream
+from tokred.demo.compare import Run, kept_cells, merged_cells, recipe, stream
 from tokred.demo.media import FRAMES, example, read
 from tokred.demo.overlay import CELL, GAP, OUTLINE, grey, overlay
 from tokred.zoo import build, load
@@ -89,10 +89,21 @@ def test_llava_tokens_sit_on_its_fixed_grid(zoo_root):
     assert len(kept_cells(run)) == run.kept_positions.numel() == side * side // 2
 
 
+def test_merged_groups_reach_the_picture_as_cells(zoo_root):
+    model, processor = load(build("llava", zoo_root / "llava"), attn_implementation="sdpa")
+    *_, (_, run) = stream(model, processor, recipe("random", 0.25, merge=True), example("shapes #0")[0], "what?", 2)
+    groups = merged_cells(run)
+    kept = set(kept_cells(run))
+    assert groups and all(len(g) > 1 and len(kept & set(g)) == 1 for g in groups)  # each group: one kept slot
+    assert sorted(c for g in groups for c in g) == sorted({c for g in groups for c in g})  # disjoint
+    assert len(kept) + sum(len(g) - 1 for g in groups) == run.input_positions.numel()  # every token accounted for
+
+
 # -- recipes and uploads --------------------------------------------------------------------------------------------
 def test_recipe_controls_become_patch_configs():
     assert recipe("none", 0.3) == tokred.Config() == tokred.Config.parse("none")
     assert recipe("random", 0.25) == tokred.Config(prune=tokred.Random(keep=0.25))
+    assert recipe("random", 0.25, merge=True) == tokred.Config(prune=tokred.Random(keep=0.25, merge=True))
 
 
 @pytest.mark.parametrize(
@@ -165,7 +176,7 @@ def page():
 def ask(page, choice: str, method: str, keep: float, question: str | None = None, upload=None, kv: str = "none"):
     """The page's final outputs for one request, as a person would fill the form."""
     question = example(choice)[1]["question"] if question is None else question
-    return page.client.predict(choice, upload, question, method, keep, kv, "none", 4, api_name="/compare")
+    return page.client.predict(choice, upload, question, method, keep, False, kv, "none", 4, api_name="/compare")
 
 
 def direct(page, choice: str, config) -> tuple[tokred.Stats, tuple[int, int, int], list]:
@@ -220,7 +231,7 @@ def test_nothing_removed_answers_like_stock_and_greys_nothing(page, choice, meth
 )
 def test_half_kept_is_measured_and_pictured(page, choice, method, stage):
     job = page.client.submit(
-        choice, None, example(choice)[1]["question"], method, 0.5, "none", "none", 4, api_name="/compare"
+        choice, None, example(choice)[1]["question"], method, 0.5, False, "none", "none", 4, api_name="/compare"
     )
     stock, stock_figures, _, patched_figures, picture, _ = job.result()
     stats, grid, frames = direct(page, choice, tokred.Config(prune=tokred.METHODS[method](keep=0.5)))

@@ -11,7 +11,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokred
-from tokred.demo.compare import STOCK, Run, kept_cells, recipe, stream
+from tokred.demo.compare import STOCK, Run, kept_cells, merged_cells, recipe, stream
 from tokred.demo.media import EXAMPLES, example, medium, read
 from tokred.demo.overlay import overlay, strip
 from tokred.zoo.datasets import Media
@@ -40,10 +40,11 @@ def preview(media: Media) -> Image.Image:
 
 def picture(run: Run, media: Media) -> Image.Image:
     """The kept-token picture of a run: one frame per temporal slice of the token grid, dropped patches greyed."""
-    cells = kept_cells(run)
+    groups = merged_cells(run)
+    cells = set(kept_cells(run)).difference(*map(set, groups))
     frames = media if medium(media) == "video" else [media]
     t = run.grid[0]
-    return overlay([frames[i * len(frames) // t] for i in range(t)], run.grid, cells)
+    return overlay([frames[i * len(frames) // t] for i in range(t)], run.grid, cells, groups)
 
 
 def build_app(model, processor, warning: str | None = None, max_new_tokens: int = 16) -> gr.Blocks:
@@ -71,6 +72,7 @@ def build_app(model, processor, warning: str | None = None, max_new_tokens: int 
         question: str,
         method: str,
         keep: float,
+        merge: bool,
         kv: str,
         weights: str,
         tokens: float,
@@ -79,7 +81,7 @@ def build_app(model, processor, warning: str | None = None, max_new_tokens: int 
         try:
             if not (question or "").strip():
                 raise ValueError("type a question about the image or video")
-            config = recipe(method, keep, kv, weights)
+            config = recipe(method, keep, kv, weights, merge)
             media = pick(choice, upload)
             shown = ["", None, "", None, None, "running the stock model..."]
             runs = []
@@ -124,6 +126,7 @@ def build_app(model, processor, warning: str | None = None, max_new_tokens: int 
                 with gr.Row():
                     method = gr.Dropdown([STOCK, *sorted(tokred.METHODS)], value="fastv", label="method")
                     keep = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="keep ratio")
+                    merge = gr.Checkbox(False, label="merge dropped tokens into kept ones")
                 with gr.Row():
                     kv = gr.Dropdown(list(tokred.KV_SCHEMES), value="none", label="KV-cache scheme")
                     weights = gr.Dropdown(list(tokred.WEIGHT_BITS), value="none", label="weight bits")
@@ -142,12 +145,14 @@ def build_app(model, processor, warning: str | None = None, max_new_tokens: int 
                         gr.Markdown("### patched model")
                         patched_answer = gr.Textbox(label="answer (patched)", lines=3)
                         patched_figures = gr.JSON(label="measured (patched)")
-                kept = gr.Image(label="what the patched model kept (dropped patches greyed)", **IMAGE)
+                kept = gr.Image(
+                    label="what the patched model kept (dropped patches greyed, merged groups outlined)", **IMAGE
+                )
         choice.input(on_example, choice, [question, view, status], api_name="example")  # user picks only
         upload.change(on_upload, upload, [choice, view, status], api_name="upload")
         go.click(
             answer,
-            [choice, upload, question, method, keep, kv, weights, tokens],
+            [choice, upload, question, method, keep, merge, kv, weights, tokens],
             [stock_answer, stock_figures, patched_answer, patched_figures, kept, status],
             api_name="compare",
             concurrency_limit=1,  # one model, patched in place: one request at a time

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessorList, TextIteratorStreamer
@@ -28,11 +28,12 @@ TASK = {"image": "shapes", "video": "motion"}
 """The synthetic task whose prompt format `tokred.zoo.prompts` uses for each medium."""
 
 
-def recipe(method: str, keep: float, kv: str = "none", weights: str = "none") -> tokred.Config:
+def recipe(method: str, keep: float, kv: str = "none", weights: str = "none", merge: bool = False) -> tokred.Config:
     """The demo's recipe controls as what `tokred.patch` takes; ValueError naming the allowed values."""
     if method != STOCK and method not in tokred.METHODS:
         raise ValueError(f"unknown method {method!r}; methods are: {STOCK}, {', '.join(sorted(tokred.METHODS))}")
-    config = tokred.Config() if method == STOCK else tokred.Config.parse(f"{method}:keep={float(keep)}")
+    text = f"{method}:keep={float(keep)}" + (":merge=True" if merge else "")
+    config = tokred.Config() if method == STOCK else tokred.Config.parse(text)
     return config.with_schemes(kv, weights)
 
 
@@ -48,6 +49,7 @@ class Run:
     input_positions: torch.Tensor
     kept_positions: torch.Tensor
     grid: tuple[int, int, int] | None  # token grid of the image or video, where the family makes it known
+    merged_groups: list[torch.Tensor] = field(default_factory=list)  # positions of each group merged into one
 
     def measurements(self) -> dict[str, object]:
         """The figures shown in the page, with their units in the names."""
@@ -117,6 +119,7 @@ def stream(
             input_positions=stats.kept_positions["input"][0],
             kept_positions=stats.kept_positions[stage][0],
             grid=token_grid(stats.media[0]),
+            merged_groups=[g for groups in stats.merged_groups.values() for g in groups[0]],
         ),
     )
 
@@ -131,13 +134,22 @@ def token_grid(media: list[tuple[str, tuple[int, int, int] | None]]) -> tuple[in
 
 def kept_cells(run: Run) -> list[int]:
     """Flat grid cells (t, h, w raster order) of the kept tokens; ValueError when the grid and the tokens disagree."""
+    return _cells(run, run.kept_positions, "kept positions")
+
+
+def merged_cells(run: Run) -> list[list[int]]:
+    """Flat grid cells of each group of tokens the run merged into one."""
+    return [_cells(run, group, "merged positions") for group in run.merged_groups]
+
+
+def _cells(run: Run, positions: torch.Tensor, what: str) -> list[int]:
     if run.grid is None:
         raise ValueError("this model family does not make its token grid known, so kept tokens cannot be placed")
     t, h, w = run.grid
     n = int(run.input_positions.numel())
     if t * h * w != n:
         raise ValueError(f"token grid {t}x{h}x{w} has {t * h * w} cells but the input holds {n} vision tokens")
-    cells = torch.searchsorted(run.input_positions, run.kept_positions)
-    if not torch.equal(run.input_positions[cells.clamp(max=n - 1)], run.kept_positions):
-        raise ValueError("kept positions are not among the input's vision token positions")
+    cells = torch.searchsorted(run.input_positions, positions)
+    if not torch.equal(run.input_positions[cells.clamp(max=n - 1)], positions):
+        raise ValueError(f"{what} are not among the input's vision token positions")
     return cells.tolist()
