@@ -347,3 +347,43 @@ def test_fastv_auto_keeps_the_fewest_tokens_holding_the_attention_mass(tiny):
             share = scores.sort(descending=True).values.cumsum(0) / scores.sum()
             k = min(max(int((share < mass).sum()) + 1, budget(len(positions), low)), budget(len(positions), high))
             assert kept[b].tolist() == positions[scores.topk(k).indices].sort().values.tolist(), (mass, b)
+
+
+def test_dart_keeps_what_the_stock_models_keys_and_hidden_states_say(tiny):
+    """DART by hand on the stock model: pivots by the L2 norm of layer K's keys (k_proj, after k_norm where the
+    family has one: rotary embeddings keep the norm), then the tokens least similar to them in the hidden
+    states layer K+1 receives."""
+    from tokred.adapters import adapter_for
+    from tokred.methods.dart import least_duplicated
+
+    inputs, layer, method = tiny.batch(), 1, tokred.DART(layer=1, keep=0.25, pivots=2)
+    adapter, seen = adapter_for(tiny.model), {}
+    attention = adapter.attention(layer)
+    keys = getattr(attention, "k_norm", None) or attention.k_proj
+
+    def hidden(module, args, kwargs):
+        seen.setdefault("hidden", kwargs.get("hidden_states", args[0] if args else None))
+
+    def key(module, args, out):
+        seen.setdefault("keys", out)
+
+    handles = [
+        keys.register_forward_hook(key),
+        adapter.layers[layer + 1].register_forward_pre_hook(hidden, with_kwargs=True),
+    ]
+    try:
+        tiny.model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    norms = seen["keys"].flatten(2).square().sum(-1).sqrt()  # (B, N): every head's key of a position
+    with tokred.patched(tiny.model, method):
+        tiny.model(**inputs)
+        kept = tokred.stats(tiny.model).kept_positions["llm"]
+    image_id = tiny.model.config.image_token_id
+    for b in range(len(kept)):
+        positions = (inputs["input_ids"][b] == image_id).nonzero()[:, 0]
+        k = method.budget(len(positions))
+        pivots = norms[b, positions].topk(2).indices
+        expected = positions[least_duplicated(seen["hidden"][b, positions], pivots, k)]
+        assert kept[b].tolist() == expected.tolist(), b
