@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+import tokred  # noqa: E402
 from tokred.methods import METHODS, TokenMerger, TokenReducer  # noqa: E402
 from tokred.zoo import FAMILIES, build  # noqa: E402
 
@@ -85,6 +86,16 @@ def _tiny(family: str, root) -> Tiny:
     path = build(family, root / family)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
     return Tiny(family, str(path), model, AutoProcessor.from_pretrained(path))
+
+
+def serve(tiny: Tiny, method) -> None:
+    """Skip the test where tokred does not serve `method` on this family, after checking that patching says so."""
+    from tokred.adapters import adapter_for
+
+    if getattr(method, "needs_encoder_attention", False) and adapter_for(tiny.model).encoder_attention_block() is None:
+        with pytest.raises(ValueError, match="needs the vision tower's attention, which tokred reads for the families"):
+            tokred.patch(tiny.model, method)
+        pytest.skip(f"{method.name} is not served on {tiny.family} (refused with a clear error)")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -104,6 +104,40 @@ def test_media_features(tiny):
     assert "get_image_features" not in vars(adapter.outer)
 
 
+def test_given_media_features(tiny):
+    """The model takes features handed to get_*_features in place of its tower's."""
+    if tiny.family == "qwen3_vl":
+        pytest.skip("Qwen3-VL's features carry deepstack features as well; none can be handed in")
+    adapter, inputs = adapter_for(tiny.model), tiny.image()
+    rows = torch.randn(
+        int((inputs["input_ids"] == tiny.model.config.image_token_id).sum()), adapter.text_config.hidden_size
+    )
+    seen = []
+    hook = adapter.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True
+    )
+    undo = compat.given_media_features(adapter.outer, "image", lambda: rows)
+    try:
+        tiny.model(**inputs)
+    finally:
+        undo(), hook.remove()
+    vision = inputs["input_ids"] == tiny.model.config.image_token_id
+    torch.testing.assert_close(seen[0][vision], rows, msg="seam 'media features': given rows did not reach the LLM")
+    assert "get_image_features" not in vars(adapter.outer)
+
+
+def test_vision_window_index(tiny):
+    """The tower holds its merged groups in window order: merging its last hidden states and undoing the order
+    gives the features it returns."""
+    if tiny.family != "qwen2_5_vl":
+        pytest.skip("only Qwen2.5-VL's tower attends in windows")
+    tower, inputs = adapter_for(tiny.model).vision_tower, tiny.image()
+    out = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], return_dict=True)
+    order = compat.window_order(tower, inputs["image_grid_thw"])
+    assert sorted(order.tolist()) == list(range(len(out.pooler_output))), "seam 'vision window index'"
+    torch.testing.assert_close(tower.merger(out.last_hidden_state)[torch.argsort(order)], out.pooler_output)
+
+
 def test_pre_encoded_media(tiny):
     """generate() hands the outer model either the raw pixels or media it encoded ahead; tokred reads both."""
     adapter = adapter_for(tiny.model)

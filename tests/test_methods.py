@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, serve
 
 import tokred
 
@@ -35,6 +35,7 @@ def test_idle_is_bit_identical(tiny, method):
 
 @REDUCERS
 def test_budget_counts_are_exact(tiny, method):
+    serve(tiny, method)
     inputs = tiny.batch()
     n = vision_counts(tiny, inputs)
     for setting, expected in (
@@ -51,6 +52,7 @@ def test_budget_counts_are_exact(tiny, method):
 
 @REDUCERS
 def test_generate_runs_and_shortens_the_cache(tiny, method):
+    serve(tiny, method)
     inputs = tiny.batch()
     steps = 3
     stock = tiny.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
@@ -64,6 +66,7 @@ def test_generate_runs_and_shortens_the_cache(tiny, method):
 @REDUCERS
 def test_a_samples_selection_is_the_same_alone_and_batched(tiny, method):
     """What a sample keeps depends on it alone, not on the other samples (or padding) of its batch."""
+    serve(tiny, method)
     batch = tiny.batch()
     with tokred.patched(tiny.model, method):
         tiny.model(**batch)
@@ -78,6 +81,7 @@ def test_a_samples_selection_is_the_same_alone_and_batched(tiny, method):
 
 @METHODS
 def test_unpatch_is_exact(tiny, method):
+    serve(tiny, method)
     inputs = tiny.image()
     stock = tiny.model(**inputs).logits
     modules = {name: (dict(m._forward_pre_hooks), sorted(vars(m))) for name, m in tiny.model.named_modules()}

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import EXAMPLES, noise_image
+from conftest import EXAMPLES, noise_image, serve
 
 import tokred
 from tokred import Config, FastV, Random, compat
@@ -87,6 +87,7 @@ def test_unpatch_restores_and_repatch_repeats(tiny):
 
 @pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
 def test_quarter_keep_counts_and_shrinks_the_llm(tiny, method):
+    serve(tiny, method)
     model, inputs = tiny.model, tiny.batch()
     lengths: dict[int, int] = {}
 
@@ -184,6 +185,7 @@ def test_video_pruning_equals_masking_through_decoding(tiny_video):
 
 @pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
 def test_video_keeps_a_quarter_of_its_tokens(tiny_video, method):
+    serve(tiny_video, method)
     model, inputs = tiny_video.model, tiny_video.video()
     with tokred.patched(model, method):
         ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -387,3 +389,36 @@ def test_dart_keeps_what_the_stock_models_keys_and_hidden_states_say(tiny):
         pivots = norms[b, positions].topk(2).indices
         expected = positions[least_duplicated(seen["hidden"][b, positions], pivots, k)]
         assert kept[b].tolist() == expected.tolist(), b
+
+
+@pytest.mark.parametrize("tiny", ["llava"], indirect=True)
+def test_visionzip_ranks_by_the_cls_attention_eager_attention_reports(tiny):
+    """VisionZip by hand on LLaVA: the [CLS] row (head mean) of the tower's eager attention at the feature
+    layer ranks the dominant tokens; the contextual ones follow from the projected tokens."""
+    from tokred.adapters import adapter_for
+    from tokred.methods.visionzip import zip_tokens
+
+    inputs, method = tiny.batch(), tokred.VisionZip(keep=0.25)
+    adapter = adapter_for(tiny.model)
+    eager = tiny.load(attn_implementation="eager")
+    tower = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    cls = tower.attentions[adapter.encoder_attention_block()][:, :, 0, 1:].mean(1)  # (images, patches)
+    seen = {}
+
+    def embeds(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    handle = adapter.language_model.register_forward_pre_hook(embeds, with_kwargs=True)
+    try:
+        tiny.model(**inputs)
+    finally:
+        handle.remove()
+    with tokred.patched(tiny.model, method):
+        tiny.model(**inputs)
+        kept = tokred.stats(tiny.model).kept_positions["pre_llm"]
+    for b in range(len(kept)):
+        positions = (inputs["input_ids"][b] == tiny.model.config.image_token_id).nonzero()[:, 0]
+        k = method.budget(len(positions))
+        dominant = min(k - 1, max(1, round(method.dominant * k)))
+        merge = zip_tokens(seen["embeds"][b, positions], cls[b], dominant, k - dominant)
+        assert kept[b].tolist() == positions[merge.index].tolist(), b

@@ -12,6 +12,7 @@ import tokred
 from tokred.methods.cdpruner import conditional_kernel, greedy_map, relevance
 from tokred.methods.dart import least_duplicated
 from tokred.methods.divprune import max_min_diverse
+from tokred.methods.visionzip import zip_tokens
 from tokred.tokens import Span, VisionTokens
 
 
@@ -126,3 +127,36 @@ def test_every_rule_keeps_exactly_k_distinct_tokens():
     for method, k in itertools.product((tokred.DivPrune(), tokred.DART(pivots=4), tokred.CDPruner()), (1, 5, 23)):
         kept = method.select(view, k, torch.Generator())
         assert kept.tolist() == sorted(set(kept.tolist())) and len(kept) == k, (method, k)
+
+
+# -- VisionZip ------------------------------------------------------------------------------------------------
+def test_visionzip_keeps_the_most_attended_and_merges_the_rest_into_contextual_tokens():
+    g = torch.Generator().manual_seed(10)
+    x, scores = torch.randn(24, 8, generator=g), torch.rand(24, generator=g)
+    merge = zip_tokens(x, scores, dominant=5, contextual=3)
+    merge.check(24, 8, 8)
+    top = sorted(scores.topk(5).indices.tolist())
+    rest = [i for i in range(24) if i not in top]
+    targets = rest[:: len(rest) // 3][:3]
+    assert merge.index.tolist() == sorted(top + targets)
+    unit = F.normalize(x, dim=-1)
+    for slot, token in enumerate(merge.index.tolist()):
+        if token in top:
+            torch.testing.assert_close(merge.rows[slot], x[token])
+            assert (merge.groups == slot).sum() == 1
+            continue
+        joined = [i for i in rest if i not in targets and max(targets, key=lambda t: float(unit[i] @ unit[t])) == token]
+        assert sorted((merge.groups == slot).nonzero()[:, 0].tolist()) == sorted([token, *joined])
+        expected = x[token] + (x[joined].mean(0) if joined else 0)
+        torch.testing.assert_close(merge.rows[slot], expected)
+
+
+def test_visionzip_splits_its_budget_and_always_keeps_a_contextual_token():
+    g = torch.Generator().manual_seed(11)
+    view = tokens(torch.randn(64, 8, generator=g), encoder_scores=torch.rand(64, generator=g))
+    for k, dominant in ((16, 13), (2, 1), (1, 0)):
+        merge = tokred.VisionZip().fold(view, k, torch.Generator())
+        assert len(merge.index) == k
+        kept_top = set(view.encoder_scores.topk(dominant).indices.tolist()) if dominant else set()
+        assert kept_top <= set(merge.index.tolist())
+        assert int((torch.bincount(merge.groups, minlength=k) > 1).sum()) >= 1  # some slot merged others

@@ -12,6 +12,7 @@ from tokred.methods import (
     Random,
     TokenMerger,
     TokenReducer,
+    VisionZip,
     WeightScheme,
 )
 from tokred.patch import patch, patched, stats, unpatch
@@ -34,6 +35,7 @@ __all__ = [
     "Random",
     "TokenMerger",
     "TokenReducer",
+    "VisionZip",
     "WeightScheme",
     "Stats",
     "patch",

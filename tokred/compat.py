@@ -37,6 +37,7 @@ SEAMS = (
     "eager attention",
     "media features",
     "pre encoded media",
+    "vision window index",
     "deepstack",
     "loss function",
     "mask format",
@@ -199,7 +200,8 @@ def wrap_media_features(outer: nn.Module, kind: str, observe: Callable[[dict[str
 
 def given_media_features(outer: nn.Module, kind: str, features: Callable[[], torch.Tensor]) -> Callable[[], None]:
     """Make `outer.get_<kind>_features(...)` return `features()` (the LLM-ready rows of every image or video of
-    the call, in sequence order) without running the vision tower; return the undo."""
+    the call, in sequence order) without running the vision tower; return the undo. For towers whose features
+    are the pooled rows alone (not Qwen3-VL, which also returns deepstack features)."""
     name = f"get_{kind}_features"
     stock = getattr(outer, name, None)
     if stock is None:
@@ -211,6 +213,21 @@ def given_media_features(outer: nn.Module, kind: str, features: Callable[[], tor
 
     setattr(outer, name, given)
     return lambda: delattr(outer, name)
+
+
+def window_order(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(merged tokens,) the order a windowed Qwen tower holds its merged-token groups in (``window_index``)."""
+    from transformers import vision_utils
+
+    if not hasattr(vision_utils, "get_vision_window_index"):
+        raise SeamError("vision window index", "transformers.vision_utils has no get_vision_window_index")
+    index, _ = vision_utils.get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=tower.spatial_merge_size,
+        window_size=tower.window_size,
+        patch_size=tower.patch_size,
+    )
+    return index
 
 
 DEEPSTACK_PARAMETERS = ("hidden_states", "visual_pos_masks", "visual_embeds")

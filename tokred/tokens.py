@@ -48,6 +48,7 @@ class VisionTokens:
     scores: torch.Tensor | None = None  # (n,) attention from the last text query, where the stage provides it
     key_norms: torch.Tensor | None = None  # (n,) L2 norm of each token's keys at layer K (all heads), ditto
     context: torch.Tensor | None = None  # (m, d) the sample's text tokens (no media, no padding), as `embeds`
+    encoder_scores: torch.Tensor | None = None  # (n,) attention each token received in the vision tower
 
 
 @dataclass(frozen=True)

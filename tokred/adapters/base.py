@@ -58,6 +58,27 @@ class Adapter:
         """What turns vision features into LLM-width tokens (the projector or patch merger)."""
         return self.outer.multi_modal_projector
 
+    def vision_attention(self, block: int) -> nn.Module:
+        """The self-attention module of vision tower block `block`."""
+        return self.vision_blocks[block].self_attn
+
+    keep_calls = False
+    """Set while an encoder signal is read, for adapters that must remember each tower call's grids."""
+
+    encoder_cls: ClassVar[bool] = False
+    """Whether the tower's first token is a [CLS] whose attention row ranks the others (else each token's score
+    is the mean attention it receives)."""
+
+    def encoder_attention_block(self) -> int | None:
+        """The tower block whose attention is read as the encoder signal; None where tokred cannot map the tower's
+        tokens to the LLM's (the signal is then refused with the families that have it)."""
+        return None
+
+    def encoder_token_scores(self, chunks: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """(kind, the attention each of its LLM tokens received in the tower) per image or video the tower saw,
+        in its order, from what the capture recorded per attention call of that block (`chunks`, (B, L) each)."""
+        raise NotImplementedError
+
     def attention(self, layer: int) -> nn.Module:
         """The self-attention module of LLM layer `layer` (where the llm stage captures q/k)."""
         return self.layers[layer].self_attn

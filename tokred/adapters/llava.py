@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from tokred.adapters.base import Adapter
 
 
@@ -25,3 +27,17 @@ class LlavaAdapter(Adapter):
 
     def grids(self, kind: str, inputs: dict[str, Any], counts: list[int]) -> list[tuple[int, int, int] | None]:
         return [(1, self.side, self.side)] * len(counts)
+
+    encoder_cls = True
+
+    def encoder_attention_block(self) -> int:
+        """The block whose output the LLM's features are taken from (``vision_feature_layer``; the last of a list)."""
+        layer = self.model.config.vision_feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        return layer - 1 if layer > 0 else len(self.vision_blocks) + layer
+
+    def encoder_token_scores(self, chunks: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """Each image's [CLS] attention row; the [CLS] entry itself goes unless the strategy feeds it to the LLM."""
+        rows = torch.cat(chunks)
+        skip = self.model.config.vision_feature_select_strategy != "full"
+        return [("image", row) for row in rows[:, int(skip) :]]

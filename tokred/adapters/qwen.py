@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from tokred import compat
@@ -23,6 +24,7 @@ class QwenVLAdapter(Adapter):
     def __init__(self, model) -> None:
         super().__init__(model)
         self.encoded_grids: dict[str, list[Grid]] = {}
+        self.encoded_calls: list[tuple[str, torch.Tensor]] = []  # (kind, raw *_grid_thw) per get_*_features call
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -35,6 +37,34 @@ class QwenVLAdapter(Adapter):
     @property
     def projector(self) -> nn.Module:
         return self.vision_tower.merger
+
+    def vision_attention(self, block: int) -> nn.Module:
+        return self.vision_blocks[block].attn
+
+    windowed = False
+    """Whether the tower holds its merged-token groups in window order (Qwen2.5-VL) instead of raster order."""
+
+    def encoder_attention_block(self) -> int:
+        """The last block (Qwen2.5-VL: the last full-attention one)."""
+        full = getattr(self.model.config.vision_config, "fullatt_block_indexes", None)
+        return max(full) if self.windowed and full else len(self.vision_blocks) - 1
+
+    def encoder_token_scores(self, chunks: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """Patch scores (in the tower's order) -> each merged token's mean over its patches, in raster order."""
+        scores, calls = torch.cat([c.reshape(-1) for c in chunks]), self.encoded_calls
+        self.encoded_calls = []
+        unit = self.model.config.vision_config.spatial_merge_size**2
+        out, at = [], 0
+        for kind, grid_thw in calls:
+            patches = int(grid_thw.prod(-1).sum())
+            merged = scores[at : at + patches].view(-1, unit).mean(-1)
+            at += patches
+            if self.windowed:
+                merged = merged[torch.argsort(compat.window_order(self.vision_tower, grid_thw).to(merged.device))]
+            out += [(kind, m) for m in merged.split([t * h * w for t, h, w in self._merged(grid_thw)])]
+        if at != len(scores):
+            raise RuntimeError(f"the tower's attention covered {len(scores)} patches, its grids {at}")
+        return out
 
     def _merged(self, grids) -> list[Grid]:
         merge = self.model.config.vision_config.spatial_merge_size
@@ -54,8 +84,12 @@ class QwenVLAdapter(Adapter):
     def install(self) -> list[Callable[[], None]]:
         def recorder(kind: str) -> Callable[[dict[str, Any]], None]:
             def record(arguments: dict[str, Any]) -> None:
-                if arguments.get(f"{kind}_grid_thw") is not None:
-                    self.encoded_grids[kind] = self._merged(arguments[f"{kind}_grid_thw"])
+                grid = arguments.get(f"{kind}_grid_thw")
+                if grid is None or (self.encoded_calls and self.encoded_calls[-1][1] is grid):
+                    return  # Qwen3-VL's get_video_features hands its very grids on to get_image_features
+                self.encoded_grids[kind] = self._merged(grid)
+                if self.keep_calls:
+                    self.encoded_calls.append((kind, grid))
 
             return record
 

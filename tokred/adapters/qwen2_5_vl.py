@@ -7,3 +7,4 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     lmms_base = "qwen2_5_vl"
+    windowed = True

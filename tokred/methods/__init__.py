@@ -6,6 +6,7 @@ from tokred.methods.dart import DART
 from tokred.methods.divprune import DivPrune
 from tokred.methods.fastv import FastV
 from tokred.methods.random import Random
+from tokred.methods.visionzip import VisionZip
 from tokred.tokens import Span, VisionTokens
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "TokenMerger",
     "TokenReducer",
     "VisionTokens",
+    "VisionZip",
     "WeightScheme",
 ]

@@ -7,10 +7,15 @@ family's extras. Decode steps keep the model's own positions; only their mask is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from tokred.adapters.base import Adapter
+from tokred.methods.base import Method
 from tokred.stages.base import Stage, runtime
 from tokred.stages.call import Call
+from tokred.stages.encoder_attention import EncoderAttention
 from tokred.stages.select import choose
 
 
@@ -18,13 +23,22 @@ from tokred.stages.select import choose
 class PreLLMStage(Stage):
     name = "pre_llm"
 
+    def __init__(self, method: Method, adapter: Adapter, current: Callable[[], Call | None]) -> None:
+        super().__init__(method, adapter, current)
+        wants = getattr(method, "needs_encoder_attention", False)
+        self.encoder = EncoderAttention(adapter, type(method).__name__) if wants else None
+
+    def install(self) -> list[Callable[[], None]]:
+        return self.encoder.install() if self.encoder is not None else []
+
     def prefill(self, call: Call) -> None:
         """Choose (or take the call's given selection) and cut every sequence-aligned LLM input."""
         kwargs = call.kwargs
         embeds = kwargs["inputs_embeds"]
+        encoder = None if self.encoder is None else self.encoder.take(call.spans, embeds.shape[:2], embeds.device)
         selection = call.given.get(self.name)
         if selection is None:
-            selection = choose(self.method, call.spans, embeds, kwargs.get("attention_mask"))
+            selection = choose(self.method, call.spans, embeds, kwargs.get("attention_mask"), encoder_scores=encoder)
         call.cut(self.name, selection)
         if selection is None:
             return

@@ -15,10 +15,11 @@ def choose(
     padding_mask: torch.Tensor | None,
     scores: torch.Tensor | None = None,
     key_norms: torch.Tensor | None = None,
+    encoder_scores: torch.Tensor | None = None,
 ) -> Selection | None:
     """The cut `method` makes of a (B, N, d) batch: every text token and the vision tokens it keeps in each
-    span, with the merged rows at the kept positions; None when it keeps everything. `scores` and
-    `key_norms` are (B, N) per-position signals of the stage, where it has them.
+    span, with the merged rows at the kept positions; None when it keeps everything. `scores`, `key_norms`
+    and `encoder_scores` are (B, N) per-position signals, where the stage has them.
 
     Each span gets its own generator, seeded from the method's `seed` and the span's key, so a sample's
     choice is the same alone and in any batch.
@@ -35,6 +36,7 @@ def choose(
                 None if scores is None else scores[b, span.positions],
                 None if key_norms is None else key_norms[b, span.positions],
                 hidden[b, text],
+                None if encoder_scores is None else encoder_scores[b, span.positions],
             )
             n, k = len(span), method.count(tokens)
             if k == n:

@@ -431,6 +431,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--keep-symbols", action="store_true", help=f"also save {SYMBOLS}, to continue stages 1-2")
     args = parser.parse_args(argv)
     args.task = args.task or ["shapes"]
+    if args.family == "qwen3_vl" and "symbolic" in args.stages:
+        parser.error(
+            "the symbolic stage hands the model its vision features, which Qwen3-VL (deepstack) cannot "
+            "take; train qwen3_vl with --stages joint"
+        )
     for name, defaults in (("minutes", DEFAULT_MINUTES), ("lr", DEFAULT_LR)):
         given = getattr(args, name) or [defaults[STAGES.index(s)] for s in args.stages]
         if len(given) != len(args.stages):
