@@ -13,6 +13,7 @@ from tokred.methods.cdpruner import conditional_kernel, greedy_map, relevance
 from tokred.methods.dart import least_duplicated
 from tokred.methods.divprune import max_min_diverse
 from tokred.methods.visionzip import zip_tokens
+from tokred.methods.vispruner import deduplicate
 from tokred.tokens import Span, VisionTokens
 
 
@@ -160,3 +161,29 @@ def test_visionzip_splits_its_budget_and_always_keeps_a_contextual_token():
         kept_top = set(view.encoder_scores.topk(dominant).indices.tolist()) if dominant else set()
         assert kept_top <= set(merge.index.tolist())
         assert int((torch.bincount(merge.groups, minlength=k) > 1).sum()) >= 1  # some slot merged others
+
+
+# -- VisPruner ------------------------------------------------------------------------------------------------
+def test_vispruner_deduplicates_as_defined():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(40, 8, generator=g)
+    unit = F.normalize(x, dim=-1)
+    left = list(range(3, 40))
+    while len(left) > 10:  # the rounds, written out
+        first, second = left[::2], left[1::2]
+        drop = min(8, len(left) - 10, len(first))
+        closest = {a: max(float(unit[a] @ unit[b]) for b in second) for a in first}
+        kept = sorted(first, key=lambda a: -closest[a])[drop:]
+        left = sorted(kept + second)
+    assert deduplicate(x, torch.arange(3, 40), 10).tolist() == left
+
+
+def test_vispruner_drops_duplicates_before_distinct_tokens():
+    g = torch.Generator().manual_seed(13)
+    distinct = torch.randn(8, 8, generator=g)
+    x = torch.cat([distinct[:4].repeat_interleave(2, 0), distinct[4:]])  # tokens 2i and 2i+1 alike, i < 4
+    kept = tokred.VisPruner(important=0.0).select(tokens(x, encoder_scores=torch.zeros(12)), 8, torch.Generator())
+    assert kept.tolist() == [1, 3, 5, 7, 8, 9, 10, 11]  # one of each pair, and every distinct token
+    ranked = tokens(x, encoder_scores=torch.arange(12.0))
+    important = tokred.VisPruner(important=0.5).select(ranked, 8, torch.Generator())
+    assert {11, 10, 9, 8} <= set(important.tolist())  # the four most attended stay

@@ -13,6 +13,7 @@ from tokred.methods import (
     TokenMerger,
     TokenReducer,
     VisionZip,
+    VisPruner,
     WeightScheme,
 )
 from tokred.patch import patch, patched, stats, unpatch
@@ -36,6 +37,7 @@ __all__ = [
     "TokenMerger",
     "TokenReducer",
     "VisionZip",
+    "VisPruner",
     "WeightScheme",
     "Stats",
     "patch",

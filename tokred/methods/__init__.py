@@ -7,6 +7,7 @@ from tokred.methods.divprune import DivPrune
 from tokred.methods.fastv import FastV
 from tokred.methods.random import Random
 from tokred.methods.visionzip import VisionZip
+from tokred.methods.vispruner import VisPruner
 from tokred.tokens import Span, VisionTokens
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "TokenReducer",
     "VisionTokens",
     "VisionZip",
+    "VisPruner",
     "WeightScheme",
 ]
