@@ -112,7 +112,10 @@ def test_recipe_controls_become_patch_configs():
         (("fastv", 0.5, "kivi"), r"unknown kv scheme 'kivi'; no kv scheme is built yet \(only none\)"),
         (("fastv", 0.5, "none", "int4"), r"unknown weights scheme 'int4'; no weights scheme is built yet"),
         (("none", 0.5, "fastv"), "unknown kv scheme 'fastv'"),
-        (("tome", 0.5), "unknown method 'tome'; methods are: none, cdpruner, dart, divprune, fastv, random, visionzip, vispruner"),
+        (
+            ("tome", 0.5),
+            "unknown method 'tome'; methods are: none, cdpruner, dart, divprune, fastv, random, visionzip, vispruner",
+        ),
         (("random", 0.0), r"keep must be in \(0, 1\]"),
     ],
 )
