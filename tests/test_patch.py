@@ -422,3 +422,27 @@ def test_visionzip_ranks_by_the_cls_attention_eager_attention_reports(tiny):
         dominant = min(k - 1, max(1, round(method.dominant * k)))
         merge = zip_tokens(seen["embeds"][b, positions], cls[b], dominant, k - dominant)
         assert kept[b].tolist() == positions[merge.index].tolist(), b
+
+
+@pytest.mark.parametrize("tiny", ["llava", "qwen2_5_vl"], indirect=True)
+def test_tower_attention_sizes_auto_budgets(tiny, monkeypatch):
+    """keep="auto" on the tower's attention: each sample keeps the fewest tokens holding `mass` of it."""
+    import tokred.stages.pre_llm as pre_llm
+
+    inputs, seen, stock = tiny.batch(), {}, pre_llm.choose
+
+    def spy(*args, **kwargs):
+        seen["scores"] = kwargs["encoder_scores"]
+        return stock(*args, **kwargs)
+
+    monkeypatch.setattr(pre_llm, "choose", spy)
+    with tokred.patched(tiny.model, tokred.VisPruner(keep="auto", mass=0.5)):
+        tiny.model(**inputs)
+        kept = tokred.stats(tiny.model).vision_tokens["pre_llm"]
+    image_id = tiny.model.config.image_token_id
+    for b, count in enumerate(kept):
+        positions = (inputs["input_ids"][b] == image_id).nonzero()[:, 0]
+        scores = seen["scores"][b, positions]
+        assert torch.all(scores > 0)  # attention received, not the zeros of a missing signal
+        share = scores.sort(descending=True).values.cumsum(0) / scores.sum()
+        assert count == max(int((share < 0.5).sum()) + 1, budget(len(positions), 0.05)), b

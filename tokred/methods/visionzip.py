@@ -56,6 +56,11 @@ class VisionZip(TokenMerger):
 
     dominant: float = 54 / 64
     needs_encoder_attention: ClassVar[bool] = True
+    scored: ClassVar[bool] = True
+
+    def importance(self, tokens: VisionTokens) -> torch.Tensor | None:
+        """The attention each token received in the tower (what ``keep="auto"`` and merged means weigh)."""
+        return tokens.encoder_scores
 
     def __post_init__(self) -> None:
         super().__post_init__()

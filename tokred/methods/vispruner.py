@@ -40,6 +40,11 @@ class VisPruner(TokenReducer):
 
     important: float = 0.5
     needs_encoder_attention: ClassVar[bool] = True
+    scored: ClassVar[bool] = True
+
+    def importance(self, tokens: VisionTokens) -> torch.Tensor | None:
+        """The attention each token received in the tower (what ``keep="auto"`` and merged means weigh)."""
+        return tokens.encoder_scores
 
     def __post_init__(self) -> None:
         super().__post_init__()
