@@ -19,6 +19,7 @@ from tokred.methods.base import METHODS, register
         *tokred.PRESETS.values(),
         Config(prune=[FastV(layer=3, keep=0.2), Random(keep_tokens=12, seed=7)]),
         Config(prune=Random(keep=1.0)),
+        Config(prune=tokred.PyramidDrop(layers=(1, 5, 9), keep=0.2)),
     ],
     ids=str,
 )
@@ -44,6 +45,9 @@ def test_text_shows_only_what_differs_from_the_defaults_in_pipeline_order():
         ("fastv:layer=2.5", ValueError, r"FastV.layer must be an integer"),
         ("random:keep=2", ValueError, r"keep must be in \(0, 1\]"),
         ("fastv+fastv:keep=0.5", ValueError, r"two methods for stage 'llm'"),
+        ("pdrop:layers=4/2", ValueError, r"PyramidDrop.layers must be strictly ascending, got \(4, 2\)"),
+        ("pdrop:layers=1/x", ValueError, r"PyramidDrop.layers must be an integer >= 0, got 'x'"),
+        ("pdrop+fastv", ValueError, r"two methods for stage 'llm'"),
     ],
 )
 def test_bad_text_says_what_exists(text, error, match):

@@ -35,7 +35,7 @@ class EvenMerge(tokred.TokenMerger):
 
 
 @dataclass(frozen=True)
-class EvenMergeInside(tokred.TokenMerger):
+class EvenMergeInside(tokred.TokenMerger, tokred.LLMReducer):
     name: ClassVar[str] = "even-merge-inside"
     stage: ClassVar[str] = "llm"
     layer: int = 1

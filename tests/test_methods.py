@@ -24,6 +24,13 @@ def vision_counts(tiny, inputs) -> list[int]:
     return (inputs["input_ids"] == tiny.model.config.image_token_id).sum(1).tolist()
 
 
+def cut_names(tiny, method) -> list[str]:
+    """The stats stages a reducer's cuts record, in order: an llm method's earlier cuts are "llm@K"."""
+    depth = len(tiny.model.model.language_model.layers)
+    earlier = method.cuts(depth)[:-1] if isinstance(method, tokred.LLMReducer) else ()
+    return [f"llm@{k}" for k in earlier] + [method.stage]
+
+
 @METHODS
 def test_idle_is_bit_identical(tiny, method):
     inputs = tiny.batch()
@@ -45,7 +52,10 @@ def test_budget_counts_are_exact(tiny, method):
         with tokred.patched(tiny.model, setting):
             tiny.model(**inputs)
             stats = tokred.stats(tiny.model)
-        assert stats.vision_tokens == {"input": n, method.stage: expected}, setting
+        assert list(stats.vision_tokens) == ["input", *cut_names(tiny, method)], setting
+        assert stats.vision_tokens["input"] == n and stats.vision_tokens[method.stage] == expected, setting
+        counts = torch.tensor(list(stats.vision_tokens.values()))  # (stages, samples): no cut adds tokens
+        assert bool((counts.diff(dim=0) <= 0).all()), counts
         for b, kept in enumerate(stats.kept_positions[method.stage]):
             assert bool((inputs["input_ids"][b, kept] == tiny.model.config.image_token_id).all())
 

@@ -119,14 +119,21 @@ def test_quarter_keep_counts_and_shrinks_the_llm(tiny, method):
 
     full = inputs["input_ids"].shape[1]
     real = inputs["attention_mask"].sum(1)
-    widest = int((real - torch.tensor(n) + torch.tensor(stats.vision_tokens[method.stage])).max())  # no padding
+
+    def widest(stage: str) -> int:  # the batch's width after a cut: no padding left
+        return int((real - torch.tensor(n) + torch.tensor(stats.vision_tokens[stage])).max())
+
     if method.stage == "pre_llm":
-        assert set(lengths.values()) == {widest}
+        assert set(lengths.values()) == {widest("pre_llm")}
         assert stats.seq_len == {0: (real - torch.tensor(n) + torch.tensor(stats.vision_tokens["pre_llm"])).tolist()}
-    else:
-        assert [lengths[i] for i in range(method.layer + 1)] == [full] * (method.layer + 1)
-        assert {lengths[i] for i in range(method.layer + 1, len(lengths))} == {widest}
-        assert sorted(stats.seq_len) == [0, method.layer + 1]
+    else:  # layers up to the first cut see everything, those after each cut its width
+        cuts = method.cuts(len(lengths))
+        names = [f"llm@{k}" for k in cuts[:-1]] + ["llm"]
+        ends = [*cuts[1:], len(lengths) - 1]
+        assert [lengths[i] for i in range(cuts[0] + 1)] == [full] * (cuts[0] + 1)
+        for name, start, end in zip(names, cuts, ends, strict=True):
+            assert {lengths[i] for i in range(start + 1, end + 1)} == {widest(name)}, name
+        assert sorted(stats.seq_len) == [0, *(k + 1 for k in cuts)]
 
 
 def _reference_topk(tiny, inputs, layer: int, keep: float) -> list[torch.Tensor]:
@@ -151,6 +158,35 @@ def test_fastv_keeps_what_eager_attention_ranks_highest(tiny, layer):
         kept = tokred.stats(tiny.model).kept_positions["llm"]
     reference = _reference_topk(tiny, inputs, layer, 0.25)
     assert [k.tolist() for k in kept] == [r.tolist() for r in reference]
+
+
+def test_pdrop_cuts_again_by_the_attention_of_the_pruned_model(tiny):
+    """PyramidDrop's first cut is FastV's at the same layer and count (eager reference above); its second keeps
+    the vision tokens that eager attention at the second layer, in the model FastV pruned, ranks highest."""
+    inputs, (first, second) = tiny.image(), (0, 2)
+    method = tokred.PyramidDrop(layers=(first, second), keep=0.25)
+    with tokred.patched(tiny.model, method):
+        tiny.model(**inputs)
+        stats = tokred.stats(tiny.model)
+    n = stats.vision_tokens["input"][0]
+    middle = math.floor(n * 0.5 + 0.5)  # the geometric series: sqrt(0.25) of the tokens, then 0.25
+    assert stats.vision_tokens == {"input": [n], f"llm@{first}": [middle], "llm": [budget(n, 0.25)]}
+    assert sorted(stats.seq_len) == [0, first + 1, second + 1]
+    eager = tiny.load(attn_implementation="eager")
+    with tokred.patched(eager, FastV(layer=first, keep_tokens=middle)):
+        attentions = eager(**inputs, output_attentions=True).attentions[second]  # (1, H, M, M) after the cut
+        survivors = tokred.stats(eager).kept_positions["llm"][0]
+    assert survivors.tolist() == stats.kept_positions[f"llm@{first}"][0].tolist()
+    image = inputs["input_ids"][0] == tiny.model.config.image_token_id
+    sequence = torch.cat([(~image).nonzero()[:, 0], survivors]).sort().values  # input position of each row
+    rows = torch.isin(sequence, survivors).nonzero()[:, 0]
+    scores = attentions[0, :, -1].mean(0)[rows]
+    expected = sequence[rows[scores.topk(budget(n, 0.25)).indices]].sort().values
+    assert stats.kept_positions["llm"][0].tolist() == expected.tolist()
+    with tokred.patched(tiny.model, tokred.PyramidDrop()):  # the default: four stages of the 4-layer LLM
+        tiny.model(**inputs)
+        counts = tokred.stats(tiny.model).vision_tokens
+    assert counts == {"input": [n], "llm@0": [n // 2], "llm@1": [n // 4], "llm": [budget(n, 0.125)]}
 
 
 def _stock_positions(model, inputs) -> torch.Tensor:
@@ -191,7 +227,8 @@ def test_video_keeps_a_quarter_of_its_tokens(tiny_video, method):
         ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         stats = tokred.stats(model)
     n = int((inputs["input_ids"] == model.config.video_token_id).sum())
-    assert stats.vision_tokens == {"input": [n], method.stage: [budget(n, 0.25)]}
+    assert stats.vision_tokens["input"] == [n] and stats.vision_tokens[method.stage] == [budget(n, 0.25)]
+    assert list(stats.vision_tokens)[-1] == method.stage
     assert ids.shape[1] == inputs["input_ids"].shape[1] + 4
 
 
@@ -288,7 +325,7 @@ def test_random_draws_differ_between_samples_and_seeds(tiny):
     assert kept[0] != kept[1]
 
 
-@pytest.mark.parametrize("preset", ["fastv-25", "random-25"])
+@pytest.mark.parametrize("preset", ["fastv-25", "random-25", "pdrop:keep=0.25:layers=0/2"])
 def test_generate_without_cache_selects_once_per_prompt(tiny, preset):
     """use_cache=False recomputes the whole sequence each step; the prompt's selection is kept, so the tokens
     equal those of use_cache=True."""

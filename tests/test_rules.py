@@ -187,3 +187,24 @@ def test_vispruner_drops_duplicates_before_distinct_tokens():
     ranked = tokens(x, encoder_scores=torch.arange(12.0))
     important = tokred.VisPruner(important=0.5).select(ranked, 8, torch.Generator())
     assert {11, 10, 9, 8} <= set(important.tolist())  # the four most attended stay
+
+
+# -- PyramidDrop ----------------------------------------------------------------------------------------------
+def test_pdrop_cuts_a_geometric_series_down_to_the_budget():
+    method = tokred.PyramidDrop(keep=0.125)  # the paper's setting: half at each of three cuts
+    span = tokens(torch.zeros(576, 4))
+    assert [method.count_at(step / 3, span, 576) for step in (1, 2, 3)] == [288, 144, 72]
+    odd = tokred.PyramidDrop(layers=(1, 2), keep_tokens=10)
+    assert [odd.count_at(step / 2, tokens(torch.zeros(90, 4)), 90) for step in (1, 2)] == [30, 10]
+    assert tokred.PyramidDrop(layers=(3,), keep=0.3).count_at(1.0, span, 576) == tokred.FastV(keep=0.3).budget(576)
+    scores = torch.tensor([5.0, 1.0, 4.0, 0.5, 3.0])
+    kept = method.select(tokens(torch.zeros(5, 4), scores=scores), 3, torch.Generator())
+    assert kept.tolist() == [0, 2, 4]  # the most attended, in sequence order
+    auto = tokred.PyramidDrop(keep="auto", mass=0.5, keep_min=0.2)
+    assert auto.count_at(0.5, tokens(torch.zeros(5, 4), scores=scores), 64) == 2  # this layer's mass: 5 + 4 of 13.5
+
+
+def test_pdrop_splits_the_llm_into_four_stages_by_default():
+    method = tokred.PyramidDrop()
+    assert [method.cuts(depth) for depth in (32, 28, 4, 3, 2)] == [(7, 15, 23), (6, 13, 20), (0, 1, 2), (0, 1), (0,)]
+    assert tokred.PyramidDrop(layers=(2, 5)).cuts(32) == (2, 5)

@@ -75,7 +75,7 @@ class Config:
 def _method_text(method: Method) -> str:
     defaults = type(method)()
     changed = [
-        f":{f.name}={getattr(method, f.name)}"
+        f":{f.name}={_text(getattr(method, f.name))}"
         for f in dataclasses.fields(method)
         if getattr(method, f.name) != getattr(defaults, f.name)
     ]
@@ -103,9 +103,16 @@ def _parse_method(text: str, stage: str | None = None) -> Method:
     return method(**values)
 
 
-def _value(text: str) -> bool | int | float | None | str:
-    """A field value as written: ``True``/``False``, an integer, a number, ``None``, else the text itself (the
-    method validates it)."""
+def _text(value: object) -> str:
+    """A field value as the text form writes it: a tuple as its items joined by ``/``."""
+    return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _value(text: str) -> bool | int | float | None | str | tuple:
+    """A field value as written: ``True``/``False``, an integer, a number, ``None``, items joined by ``/`` (a
+    tuple of such values), else the text itself (the method validates it)."""
+    if "/" in text:
+        return tuple(_value(item) for item in text.split("/"))
     if text in _WORDS:
         return _WORDS[text]
     for kind in (int, float):

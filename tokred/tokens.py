@@ -141,6 +141,11 @@ class Selection:
             self.merged,
         )
 
+    def then(self, later: Selection) -> Selection:
+        """This cut followed by `later` (a cut of the sequence this one leaves), as one cut of the original
+        sequence; the merges' rows are not carried (it says where tokens went, not what they hold)."""
+        return Selection(self.index.gather(1, later.index), later.key_valid, later.has_filler, self.old_len)
+
     @property
     def new_len(self) -> int:
         return self.index.shape[1]

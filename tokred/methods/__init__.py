@@ -1,10 +1,20 @@
 """Compression methods, one file each, registered by name with their stage."""
 
-from tokred.methods.base import METHODS, STAGES, KVScheme, Method, TokenMerger, TokenReducer, WeightScheme
+from tokred.methods.base import (
+    METHODS,
+    STAGES,
+    KVScheme,
+    LLMReducer,
+    Method,
+    TokenMerger,
+    TokenReducer,
+    WeightScheme,
+)
 from tokred.methods.cdpruner import CDPruner
 from tokred.methods.dart import DART
 from tokred.methods.divprune import DivPrune
 from tokred.methods.fastv import FastV
+from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
 from tokred.methods.visionzip import VisionZip
 from tokred.methods.vispruner import VisPruner
@@ -18,7 +28,9 @@ __all__ = [
     "DivPrune",
     "FastV",
     "KVScheme",
+    "LLMReducer",
     "Method",
+    "PyramidDrop",
     "Random",
     "Span",
     "TokenMerger",

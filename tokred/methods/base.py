@@ -169,6 +169,28 @@ class TokenMerger(TokenReducer):
 
 
 @dataclass(frozen=True)
+class LLMReducer(TokenReducer):
+    """A token reducer of the llm stage: it cuts after each of its `cuts` (LLM layer indices, ascending),
+    scoring the tokens as that layer saw them. Most cut once, after their field `layer`."""
+
+    def cuts(self, depth: int) -> tuple[int, ...]:
+        """The layers after which it cuts, in an LLM of `depth` layers."""
+        return (self.layer,)
+
+    def count_at(self, progress: float, tokens: VisionTokens, entered: int) -> int:
+        """How many of the span's tokens a cut keeps: `progress` is the share of the method's cuts done with
+        this one (1 at the last), `entered` how many tokens the span had when the llm stage began. One cut:
+        `count`."""
+        return self.count(tokens)
+
+
+def check_layer(method: Method, field: str, value: object) -> None:
+    """ValueError unless `value` (the method's `field`) is an LLM layer index: an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{type(method).__name__}.{field} must be an integer >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
 class KVScheme(Method):
     """How the KV cache stores keys and values; the kv stage generates with the cache `make_cache` returns."""
 
@@ -192,7 +214,8 @@ def _count(fraction: float, n: int) -> int:
 
 
 KINDS: dict[str, type[Method]] = {
-    **{stage: TokenReducer for stage in ("frames", "encoder", "pre_llm", "llm")},
+    **{stage: TokenReducer for stage in ("frames", "encoder", "pre_llm")},
+    "llm": LLMReducer,
     "kv": KVScheme,
     "weights": WeightScheme,
 }

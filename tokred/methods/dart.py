@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokred.methods.base import TokenReducer, register
+from tokred.methods.base import LLMReducer, check_layer, register
 from tokred.tokens import VisionTokens
 
 
@@ -28,7 +28,7 @@ def least_duplicated(features: torch.Tensor, pivots: torch.Tensor, k: int) -> to
 
 @register("dart", stage="llm")
 @dataclass(frozen=True)
-class DART(TokenReducer):
+class DART(LLMReducer):
     """`layer` is K; the `pivots` vision tokens with the largest key norm at layer K are kept, and the rest of
     the budget goes to the tokens least similar to them (cosine of the hidden states after layer K), so
     duplicates of the pivots go first. No attention map is needed. Deliberate differences from the official
@@ -42,8 +42,7 @@ class DART(TokenReducer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"DART.layer must be an integer >= 0, got {self.layer!r}")
+        check_layer(self, "layer", self.layer)
         if isinstance(self.pivots, bool) or not isinstance(self.pivots, int) or self.pivots < 1:
             raise ValueError(f"DART.pivots must be an integer >= 1, got {self.pivots!r}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tokred.methods.base import TokenReducer
@@ -16,10 +18,12 @@ def choose(
     scores: torch.Tensor | None = None,
     key_norms: torch.Tensor | None = None,
     encoder_scores: torch.Tensor | None = None,
+    count: Callable[[int, int, VisionTokens], int] | None = None,
 ) -> Selection | None:
     """The cut `method` makes of a (B, N, d) batch: every text token and the vision tokens it keeps in each
     span, with the merged rows at the kept positions; None when it keeps everything. `scores`, `key_norms`
-    and `encoder_scores` are (B, N) per-position signals, where the stage has them.
+    and `encoder_scores` are (B, N) per-position signals, where the stage has them. `count(sample, span index,
+    tokens)` says how many tokens each span keeps, where the stage budgets otherwise than `method.count`.
 
     Each span gets its own generator, seeded from the method's `seed` and the span's key, so a sample's
     choice is the same alone and in any batch.
@@ -29,7 +33,7 @@ def choose(
     merged = []
     for b, sample in enumerate(spans):
         text = _text_positions(sample, hidden[b], None if padding_mask is None else padding_mask[b])
-        for span in sample:
+        for s, span in enumerate(sample):
             tokens = VisionTokens(
                 span,
                 hidden[b, span.positions],
@@ -38,7 +42,7 @@ def choose(
                 hidden[b, text],
                 None if encoder_scores is None else encoder_scores[b, span.positions],
             )
-            n, k = len(span), method.count(tokens)
+            n, k = len(span), method.count(tokens) if count is None else count(b, s, tokens)
             if k == n:
                 continue
             generator = span.generator(seed)
