@@ -235,3 +235,25 @@ def test_imports_and_falls_back_without_triton(monkeypatch):
     assert torch.equal(got, last_query_attention_reference(query, key, last, valid, 0.125))
     with pytest.raises(RuntimeError, match="triton is not installed"):
         fresh.last_query_attention(query, key, last, valid, 0.125, backend="triton")
+
+
+def test_rows_attention_is_each_rows_causal_softmax_averaged_over_heads():
+    """The torch-only op SparseVLM's raters use, against one row at a time (grouped-query heads repeated)."""
+    from tokred.kernels import rows_attention
+
+    g = torch.Generator().manual_seed(5)
+    query, key = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    rows = torch.tensor([[8, 2, 5], [8, 6, -1]])
+    got = rows_attention(query, key, rows, valid, 0.3)
+    keys = key.repeat_interleave(2, dim=1)
+    for b in range(2):
+        for t, row in enumerate(rows[b].tolist()):
+            if row < 0:
+                assert not got[b, t].any()
+                continue
+            logits = (keys[b] @ query[b, :, row, :, None])[..., 0] * 0.3  # (H, N)
+            logits[:, row + 1 :] = float("-inf")
+            logits[:, ~valid[b]] = float("-inf")
+            torch.testing.assert_close(got[b, t], logits.softmax(-1).mean(0))

@@ -189,6 +189,46 @@ def test_pdrop_cuts_again_by_the_attention_of_the_pruned_model(tiny):
     assert counts == {"input": [n], "llm@0": [n // 2], "llm@1": [n // 4], "llm": [budget(n, 0.125)]}
 
 
+def _layer_input(model, layer: int, inputs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The hidden states LLM layer `layer` receives in a stock forward (after any deepstack additions), and
+    every layer's attention weights (the model must run eager attention)."""
+    from tokred.adapters import adapter_for
+
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs.get("hidden_states", args[0] if args else None))
+
+    handle = adapter_for(model).layers[layer].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = model(**inputs, output_attentions=True)
+    finally:
+        handle.remove()
+    return seen[0], out.attentions
+
+
+def test_sparsevlm_keeps_what_the_raters_attention_ranks_highest(tiny):
+    """SparseVLM by hand on the stock eager model: raters are the text tokens after the image whose relevance
+    (softmax over the text of the image tokens' dot products with them, mean over the image) is above the mean;
+    the kept tokens are those the raters' head-mean attention at layer K ranks highest."""
+    inputs, layer = tiny.batch(), 1
+    method = tokred.SparseVLM(layers=(layer,), keep=0.25)
+    with tokred.patched(tiny.model, method):
+        tiny.model(**inputs)
+        kept = tokred.stats(tiny.model).kept_positions["llm"]
+    hidden, attentions = _layer_input(tiny.load(attn_implementation="eager"), layer + 1, inputs)
+    image_id = tiny.model.config.image_token_id
+    for b in range(len(kept)):
+        ids, valid = inputs["input_ids"][b], inputs["attention_mask"][b].bool()
+        image = (ids == image_id).nonzero()[:, 0]
+        after = ((ids != image_id) & valid & (torch.arange(len(ids)) > image.max())).nonzero()[:, 0]
+        relevance = (hidden[b, image] @ hidden[b, after].T).softmax(-1).mean(0)
+        rows = attentions[layer][b, :, after[relevance > relevance.mean()]].mean(0)  # (raters, N), head mean
+        scores = rows[:, image].mean(0)
+        expected = image[scores.topk(budget(len(image), 0.25)).indices].sort().values
+        assert kept[b].tolist() == expected.tolist(), b
+
+
 def _stock_positions(model, inputs) -> torch.Tensor:
     """The position ids the stock model hands its LLM for these inputs."""
     seen = {}

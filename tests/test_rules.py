@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +13,7 @@ import tokred
 from tokred.methods.cdpruner import conditional_kernel, greedy_map, relevance
 from tokred.methods.dart import least_duplicated
 from tokred.methods.divprune import max_min_diverse
+from tokred.methods.sparsevlm import raters
 from tokred.methods.visionzip import zip_tokens
 from tokred.methods.vispruner import deduplicate
 from tokred.tokens import Span, VisionTokens
@@ -208,3 +210,25 @@ def test_pdrop_splits_the_llm_into_four_stages_by_default():
     method = tokred.PyramidDrop()
     assert [method.cuts(depth) for depth in (32, 28, 4, 3, 2)] == [(7, 15, 23), (6, 13, 20), (0, 1, 2), (0, 1), (0,)]
     assert tokred.PyramidDrop(layers=(2, 5)).cuts(32) == (2, 5)
+
+
+# -- SparseVLM ------------------------------------------------------------------------------------------------
+def test_sparsevlm_raters_are_the_text_most_relevant_to_the_image():
+    g = torch.Generator().manual_seed(21)
+    image, text = torch.randn(12, 8, generator=g), torch.randn(6, 8, generator=g)
+    relevance = torch.stack([(image @ text.T)[i].softmax(0) for i in range(12)]).mean(0)  # per vision token
+    assert raters(image, text).tolist() == (relevance > relevance.mean()).tolist()
+    assert raters(image, torch.zeros(4, 8)).all()  # no text stands out: every one rates
+
+
+def test_sparsevlm_scores_by_the_raters_after_the_image_only():
+    g = torch.Generator().manual_seed(22)
+    embeds, context = torch.randn(5, 8, generator=g), torch.randn(4, 8, generator=g)
+    attention = torch.rand(4, 5, generator=g)
+    attention[0] = 0  # a token before the image sees none of it
+    view = tokens(embeds, context=context, text_attention=attention)
+    chosen = raters(embeds, context[1:])
+    expected = attention[1:][chosen].mean(0).topk(2).indices.sort().values
+    assert tokred.SparseVLM().select(view, 2, torch.Generator()).tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="needs text after the image"):
+        tokred.SparseVLM().select(tokens(embeds, context=context, text_attention=torch.zeros(4, 5)), 2, None)

@@ -49,6 +49,7 @@ class VisionTokens:
     key_norms: torch.Tensor | None = None  # (n,) L2 norm of each token's keys at layer K (all heads), ditto
     context: torch.Tensor | None = None  # (m, d) the sample's text tokens (no media, no padding), as `embeds`
     encoder_scores: torch.Tensor | None = None  # (n,) attention each token received in the vision tower
+    text_attention: torch.Tensor | None = None  # (m, n) each `context` token's attention onto the span at layer K
 
 
 @dataclass(frozen=True)

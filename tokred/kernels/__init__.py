@@ -6,5 +6,12 @@ from tokred.kernels.last_query import (
     last_query_attention_reference,
     last_query_attention_triton,
 )
+from tokred.kernels.rows_attention import rows_attention
 
-__all__ = ["BACKENDS", "last_query_attention", "last_query_attention_reference", "last_query_attention_triton"]
+__all__ = [
+    "BACKENDS",
+    "last_query_attention",
+    "last_query_attention_reference",
+    "last_query_attention_triton",
+    "rows_attention",
+]

@@ -16,6 +16,7 @@ from tokred.methods.divprune import DivPrune
 from tokred.methods.fastv import FastV
 from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
+from tokred.methods.sparsevlm import SparseVLM
 from tokred.methods.visionzip import VisionZip
 from tokred.methods.vispruner import VisPruner
 from tokred.tokens import Span, VisionTokens
@@ -33,6 +34,7 @@ __all__ = [
     "PyramidDrop",
     "Random",
     "Span",
+    "SparseVLM",
     "TokenMerger",
     "TokenReducer",
     "VisionTokens",

@@ -173,6 +173,9 @@ class LLMReducer(TokenReducer):
     """A token reducer of the llm stage: it cuts after each of its `cuts` (LLM layer indices, ascending),
     scoring the tokens as that layer saw them. Most cut once, after their field `layer`."""
 
+    needs_text_attention: ClassVar[bool] = False
+    """Whether it reads `VisionTokens.text_attention` (every text token's attention; costlier than the last's)."""
+
     def cuts(self, depth: int) -> tuple[int, ...]:
         """The layers after which it cuts, in an LLM of `depth` layers."""
         return (self.layer,)

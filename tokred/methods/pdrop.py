@@ -38,21 +38,26 @@ class PyramidDrop(LLMReducer):
         if self.layers is None:
             return
         if not isinstance(self.layers, tuple) or not self.layers:
-            raise ValueError(f"PyramidDrop.layers must be one or more LLM layer indices or None, got {self.layers!r}")
+            raise ValueError(
+                f"{type(self).__name__}.layers must be one or more LLM layer indices or None, got {self.layers!r}"
+            )
         for layer in self.layers:
             check_layer(self, "layers", layer)
         if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
-            raise ValueError(f"PyramidDrop.layers must be strictly ascending, got {self.layers!r}")
+            raise ValueError(f"{type(self).__name__}.layers must be strictly ascending, got {self.layers!r}")
 
     @classmethod
     def example(cls) -> PyramidDrop:
         return cls(layers=(0, 2), keep=0.25)
 
+    default_cuts: ClassVar[tuple[float, ...]] = (8 / 32, 16 / 32, 24 / 32)
+    """Where ``layers=None`` cuts, as shares of the depth: layer round(share * depth) - 1 is the last to see all."""
+
     def cuts(self, depth: int) -> tuple[int, ...]:
         if self.layers is not None:
             return self.layers
-        quarters = (math.floor(depth * i / 4 + 0.5) - 1 for i in (1, 2, 3))
-        return tuple(sorted({k for k in quarters if 0 <= k < depth - 1})) or (0,)
+        scaled = (math.floor(depth * share + 0.5) - 1 for share in self.default_cuts)
+        return tuple(sorted({k for k in scaled if 0 <= k < depth - 1})) or (0,)
 
     def count_at(self, progress: float, tokens: VisionTokens, entered: int) -> int:
         if self.keep == "auto":

@@ -21,6 +21,9 @@ LAST_QUERY = "last_query"
 KEY_NORMS = "key_norms"
 """Signal: (B, N) L2 norm of each position's keys (all heads) at the llm stage's layer K; rotary embeddings
 leave it unchanged, so it does not depend on a token's absolute position (or its batch's padding)."""
+TEXT_ATTENTION = "text_attention"
+"""Signal, for methods that ask (`LLMReducer.needs_text_attention`): (B, T, N) attention of each sample's text
+tokens (`stages.select.text_positions` order; rows past a sample's count are 0) over the sequence at layer K."""
 
 
 @dataclass

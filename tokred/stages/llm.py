@@ -21,11 +21,11 @@ import torch
 
 from tokred import compat
 from tokred.adapters.base import Adapter
-from tokred.kernels import last_query_attention
+from tokred.kernels import last_query_attention, rows_attention
 from tokred.methods.base import LLMReducer
 from tokred.stages.base import Stage, runtime
-from tokred.stages.call import KEY_NORMS, LAST_QUERY, Call
-from tokred.stages.select import choose
+from tokred.stages.call import KEY_NORMS, LAST_QUERY, TEXT_ATTENTION, Call
+from tokred.stages.select import choose, text_positions
 from tokred.tokens import Selection
 
 CAPTURE = "tokred_capture"
@@ -166,6 +166,17 @@ class LLMStage(Stage):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         call.signals[LAST_QUERY] = last_query_attention(query, key, last, mask, scale)
         call.signals[KEY_NORMS] = key.float().square().sum((1, 3)).sqrt()
+        if self.method.needs_text_attention:
+            call.signals[TEXT_ATTENTION] = rows_attention(query, key, self._text_rows(call, mask, length), mask, scale)
+
+    def _text_rows(self, call: Call, mask: torch.Tensor | None, length: int) -> torch.Tensor:
+        """(B, T) each sample's text positions, padded with -1."""
+        device = call.kwargs["inputs_embeds"].device
+        rows = [
+            text_positions(sample, length, None if mask is None else mask[b], device)
+            for b, sample in enumerate(call.spans)
+        ]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
 
     def _before_layer(self, module, args: tuple, kwargs: dict[str, Any], step: int):
         """Pre-hook of every layer after the first cut (`step`: the last cut before it); the first one after
@@ -207,6 +218,7 @@ class LLMStage(Stage):
                 state.mask(),
                 signals.get(LAST_QUERY),
                 signals.get(KEY_NORMS),
+                text_attention=signals.get(TEXT_ATTENTION),
                 count=lambda b, s, tokens: method.count_at(progress, tokens, state.entered[b][s]),
             )
         state.made.append(selection)

@@ -18,12 +18,15 @@ def choose(
     scores: torch.Tensor | None = None,
     key_norms: torch.Tensor | None = None,
     encoder_scores: torch.Tensor | None = None,
+    text_attention: torch.Tensor | None = None,
     count: Callable[[int, int, VisionTokens], int] | None = None,
 ) -> Selection | None:
     """The cut `method` makes of a (B, N, d) batch: every text token and the vision tokens it keeps in each
     span, with the merged rows at the kept positions; None when it keeps everything. `scores`, `key_norms`
-    and `encoder_scores` are (B, N) per-position signals, where the stage has them. `count(sample, span index,
-    tokens)` says how many tokens each span keeps, where the stage budgets otherwise than `method.count`.
+    and `encoder_scores` are (B, N) per-position signals, where the stage has them; `text_attention` (B, T, N)
+    is the attention of each sample's text tokens (in `text_positions` order, zero rows past them) over the
+    sequence. `count(sample, span index, tokens)` says how many tokens each span keeps, where the stage
+    budgets otherwise than `method.count`.
 
     Each span gets its own generator, seeded from the method's `seed` and the span's key, so a sample's
     choice is the same alone and in any batch.
@@ -32,7 +35,7 @@ def choose(
     keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     merged = []
     for b, sample in enumerate(spans):
-        text = _text_positions(sample, hidden[b], None if padding_mask is None else padding_mask[b])
+        text = text_positions(sample, hidden.shape[1], None if padding_mask is None else padding_mask[b], hidden.device)
         for s, span in enumerate(sample):
             tokens = VisionTokens(
                 span,
@@ -41,6 +44,7 @@ def choose(
                 None if key_norms is None else key_norms[b, span.positions],
                 hidden[b, text],
                 None if encoder_scores is None else encoder_scores[b, span.positions],
+                None if text_attention is None else text_attention[b, : len(text)][:, span.positions],
             )
             n, k = len(span), method.count(tokens) if count is None else count(b, s, tokens)
             if k == n:
@@ -59,10 +63,9 @@ def choose(
     return Selection.from_keep(keep, padding_mask, tuple(merged))
 
 
-def _text_positions(sample: list[Span], hidden: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-    """(m,) the positions of one sample's text tokens in its (N, d) `hidden`: neither media nor padding."""
-    length = hidden.shape[0]
-    text = torch.ones(length, dtype=torch.bool, device=hidden.device) if padding is None else padding[:length] != 0
+def text_positions(sample: list[Span], length: int, padding: torch.Tensor | None, device) -> torch.Tensor:
+    """(m,) the positions of one sample's text tokens in a sequence of `length`: neither media nor padding."""
+    text = torch.ones(length, dtype=torch.bool, device=device) if padding is None else padding[:length] != 0
     for span in sample:
-        text[span.positions.to(hidden.device)] = False
+        text[span.positions.to(device)] = False
     return text.nonzero()[:, 0]
