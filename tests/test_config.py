@@ -39,7 +39,11 @@ def test_text_shows_only_what_differs_from_the_defaults_in_pipeline_order():
 @pytest.mark.parametrize(
     ("text", "error", "match"),
     [
-        ("tome:keep=0.5", ValueError, r"unknown preset or method 'tome'.*fastv-25.*methods are: cdpruner, dart, divpr"),
+        (
+            "mustdrop:keep=0.5",
+            ValueError,
+            r"unknown preset or method 'mustdrop'.*fastv-25.*methods are: cdpruner, dart",
+        ),
         ("fastv:lyr=2", ValueError, r"fastv has no field 'lyr'.*fields are: keep, keep_tokens, merge, mass, keep_"),
         ("fastv:layer", ValueError, r"fastv has no field 'layer'"),
         ("fastv:layer=2.5", ValueError, r"FastV.layer must be an integer"),

@@ -123,9 +123,9 @@ def test_quarter_keep_counts_and_shrinks_the_llm(tiny, method):
     def widest(stage: str) -> int:  # the batch's width after a cut: no padding left
         return int((real - torch.tensor(n) + torch.tensor(stats.vision_tokens[stage])).max())
 
-    if method.stage == "pre_llm":
-        assert set(lengths.values()) == {widest("pre_llm")}
-        assert stats.seq_len == {0: (real - torch.tensor(n) + torch.tensor(stats.vision_tokens["pre_llm"])).tolist()}
+    if method.stage in ("encoder", "pre_llm"):  # cut before the LLM: every layer sees the cut
+        assert set(lengths.values()) == {widest(method.stage)}
+        assert stats.seq_len == {0: (real - torch.tensor(n) + torch.tensor(stats.vision_tokens[method.stage])).tolist()}
     else:  # layers up to the first cut see everything, those after each cut its width
         cuts = method.cuts(len(lengths))
         names = [f"llm@{k}" for k in cuts[:-1]] + ["llm"]
@@ -227,6 +227,74 @@ def test_sparsevlm_keeps_what_the_raters_attention_ranks_highest(tiny):
         scores = rows[:, image].mean(0)
         expected = image[scores.topk(budget(len(image), 0.25)).indices].sort().values
         assert kept[b].tolist() == expected.tolist(), b
+
+
+def test_tome_merges_inside_the_tower_as_written_out():
+    """ToMe in LLaVA's CLIP tower (the shipped checkpoint: four blocks, features from the third, so two merge
+    points inside), by hand on the stock modules: after each block up to the one the projector reads, merge by
+    that block's keys (k_proj of its normed input, head mean) to the schedule, the later blocks given log(size)
+    as attention bias; the rest merged at the tower's output; each group's row at its surviving token's place."""
+    from tokred.adapters import adapter_for
+    from tokred.eval import questions
+    from tokred.methods.tome import merge_down
+    from tokred.zoo import load
+    from tokred.zoo.prompts import chat, media_inputs
+
+    model, processor = load("shapes-llava")
+    batch = questions("shapes", 2)
+    texts = [chat(processor, "shapes", q.record["question"]) for q in batch]
+    inputs, method = media_inputs(processor, "shapes", texts, [q.media for q in batch]), tokred.ToMe(keep=0.25)
+    adapter = adapter_for(model)
+    seen, lengths = {}, []
+
+    def llm_input(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    hooks = [adapter.language_model.register_forward_pre_hook(llm_input, with_kwargs=True)]  # before tokred's
+
+    def computed(module, args, out):  # the length a block ran on
+        lengths.append((out[0] if isinstance(out, tuple) else out).shape[1])
+
+    hooks += [block.register_forward_hook(computed) for block in adapter.vision_blocks]
+    try:
+        with tokred.patched(model, method):
+            model(**inputs)
+            stats = tokred.stats(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    tower, blocks, last = adapter.vision_tower, adapter.vision_blocks, adapter.feature_block()
+    stem = getattr(tower, "vision_model", tower)  # transformers before 5.24 nests the ViT one level down
+    hidden = stem.pre_layrnorm(stem.embeddings(inputs["pixel_values"]))
+    n = hidden.shape[1] - 1  # the LLM's tokens per image: [CLS] is dropped
+    k = method.budget(n)
+    sizes = torch.ones(hidden.shape[:2])
+    into = origin = torch.arange(n + 1).expand(hidden.shape[0], -1)
+    expected_lengths, bias = [], None
+    for j, block in enumerate(blocks[: last + 1]):
+        keys = block.self_attn.k_proj(block.layer_norm1(hidden))
+        keys = keys.view(*hidden.shape[:2], -1, block.self_attn.head_dim).mean(2)
+        expected_lengths.append(hidden.shape[1])
+        hidden = block(hidden, bias)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        if j < last:  # merge before the next block: an even share of what must go over the points left
+            target = hidden.shape[1] - (hidden.shape[1] - (k + 1)) // (last - j + 1)
+            hidden, sizes, step, survivors = merge_down(hidden, keys, sizes, target, protect_first=True)
+            into, origin = step.gather(1, into), origin.gather(1, survivors)
+            bias = sizes.log()[:, None, None, :]
+    merged, _, step, survivors = merge_down(hidden[:, 1:], keys[:, 1:], sizes[:, 1:], k)
+    groups, kept = step.gather(1, into[:, 1:] - 1), (origin[:, 1:] - 1).gather(1, survivors)
+    features = model.model.multi_modal_projector(merged)  # one row per group
+    assert lengths[: last + 1] == expected_lengths == [65, 49, 33] and lengths[last + 1] == hidden.shape[1]
+    image = model.config.image_token_id
+    for b in range(len(kept)):
+        positions = (inputs["input_ids"][b] == image).nonzero()[:, 0]
+        assert stats.kept_positions["encoder"][b].tolist() == positions[kept[b]].tolist()
+        members = [positions[groups[b] == g].tolist() for g in range(k)]
+        assert [g.tolist() for g in stats.merged_groups["encoder"][b]] == [m for m in members if len(m) > 1]
+        # the model's own scatter put each group's row at every member's place (tokred then keeps one)
+        torch.testing.assert_close(seen["embeds"][b, positions], features[b, groups[b]], rtol=1e-4, atol=1e-5)
 
 
 def _stock_positions(model, inputs) -> torch.Tensor:

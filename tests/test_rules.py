@@ -14,6 +14,7 @@ from tokred.methods.cdpruner import conditional_kernel, greedy_map, relevance
 from tokred.methods.dart import least_duplicated
 from tokred.methods.divprune import max_min_diverse
 from tokred.methods.sparsevlm import raters
+from tokred.methods.tome import bipartite_merge, merge_down
 from tokred.methods.visionzip import zip_tokens
 from tokred.methods.vispruner import deduplicate
 from tokred.tokens import Span, VisionTokens
@@ -232,3 +233,49 @@ def test_sparsevlm_scores_by_the_raters_after_the_image_only():
     assert tokred.SparseVLM().select(view, 2, torch.Generator()).tolist() == expected.tolist()
     with pytest.raises(ValueError, match="needs text after the image"):
         tokred.SparseVLM().select(tokens(embeds, context=context, text_attention=torch.zeros(4, 5)), 2, None)
+
+
+# -- ToMe -----------------------------------------------------------------------------------------------------
+def tome_round(x: torch.Tensor, sizes: torch.Tensor, r: int, protect_first: bool):
+    """Bipartite soft matching for one sample, written out: A = even places, B = odd; the r A tokens with the
+    most similar best B match merge into it as size-weighted means; survivors keep their order."""
+    a, b = list(range(0, len(x), 2)), list(range(1, len(x), 2))
+    unit = F.normalize(x, dim=-1)
+    best = {i: max(b, key=lambda j: float(unit[i] @ unit[j])) for i in a}
+    score = {i: float(unit[i] @ unit[best[i]]) for i in a if not (protect_first and i == 0)}
+    merging = sorted(score, key=lambda i: -score[i])[:r]
+    groups = {j: [j] for j in range(len(x)) if j not in merging}
+    for i in merging:
+        groups[best[i]].append(i)
+    survivors = sorted(groups)
+    weights = [sizes[groups[j]] for j in survivors]
+    rows = torch.stack([(x[groups[j]] * w[:, None]).sum(0) / w.sum() for j, w in zip(survivors, weights, strict=True)])
+    return rows, torch.stack([w.sum() for w in weights]), survivors, groups
+
+
+def test_tome_round_is_bipartite_soft_matching():
+    g = torch.Generator().manual_seed(31)
+    x, sizes = torch.randn(2, 11, 6, generator=g), torch.tensor([[1.0, 2, 1, 3, 1, 1, 2, 1, 1, 1, 4]] * 2)
+    for protect in (False, True):
+        rows, new_sizes, into, survivors = bipartite_merge(x, x, sizes, 4, protect)
+        for s in range(2):
+            want_rows, want_sizes, want_survivors, groups = tome_round(x[s], sizes[s], 4, protect)
+            torch.testing.assert_close(rows[s], want_rows)
+            assert new_sizes[s].tolist() == want_sizes.tolist()
+            assert survivors[s].tolist() == want_survivors
+            assert all(int(into[s, i]) == want_survivors.index(j) for j, members in groups.items() for i in members)
+        if protect:
+            assert int(survivors[0, 0]) == 0 and float(new_sizes[0, 0]) == 1.0  # [CLS] stands alone
+
+
+def test_tome_merges_down_to_exactly_k_keeping_every_token_once():
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(1, 40, 5, generator=g)
+    merged, sizes, into, origin = merge_down(x, x, torch.ones(1, 40), 3)
+    assert merged.shape == (1, 3, 5) and sizes.sum() == 40
+    assert torch.bincount(into[0], minlength=3).tolist() == sizes[0].long().tolist()
+    assert into[0, origin[0]].tolist() == [0, 1, 2]  # each slot's surviving token is in it
+    for slot in range(3):  # a slot holds the plain mean of its members (sizes start at one)
+        torch.testing.assert_close(merged[0, slot], x[0, into[0] == slot].mean(0), rtol=1e-5, atol=1e-6)
+    fold = tokred.ToMe(keep=0.1).fold(tokens(x[0]), 3, torch.Generator())
+    assert fold.index.tolist() == origin[0].tolist() and fold.groups.tolist() == into[0].tolist()

@@ -69,6 +69,17 @@ class Adapter:
     """Whether the tower's first token is a [CLS] whose attention row ranks the others (else each token's score
     is the mean attention it receives)."""
 
+    merges_in_tower: ClassVar[bool] = False
+    """Whether the encoder stage merges between tower blocks (a plain ViT whose tokens map one to one onto the
+    LLM's, after `feature_skip` leading ones); else it merges the tower's output tokens."""
+
+    def feature_block(self) -> int:
+        """The tower block whose output the projector takes (with `merges_in_tower`)."""
+        raise NotImplementedError
+
+    feature_skip: int = 0
+    """How many leading tower tokens ([CLS]) the projector does not get."""
+
     def encoder_attention_block(self) -> int | None:
         """The tower block whose attention is read as the encoder signal; None where tokred cannot map the tower's
         tokens to the LLM's (the signal is then refused with the families that have it)."""

@@ -29,11 +29,29 @@ class LlavaAdapter(Adapter):
         return [(1, self.side, self.side)] * len(counts)
 
     encoder_cls = True
+    merges_in_tower = True
+
+    def feature_block(self) -> int:
+        """The block whose output the LLM's features are taken from (``vision_feature_layer``)."""
+        layer = self.model.config.vision_feature_layer
+        if isinstance(layer, (list, tuple)):
+            raise ValueError(
+                f"this model takes its image features from several tower layers {list(layer)}; tokred merges in "
+                "towers that feed the projector from one"
+            )
+        return self._block(layer)
+
+    @property
+    def feature_skip(self) -> int:
+        return int(self.model.config.vision_feature_select_strategy != "full")
 
     def encoder_attention_block(self) -> int:
         """The block whose output the LLM's features are taken from (``vision_feature_layer``; the last of a list)."""
         layer = self.model.config.vision_feature_layer
-        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        return self._block(layer[-1] if isinstance(layer, (list, tuple)) else layer)
+
+    def _block(self, layer: int) -> int:
+        """The block whose output is hidden state `layer` (0: the embeddings; negative: from the end)."""
         return layer - 1 if layer > 0 else len(self.vision_blocks) + layer
 
     def encoder_token_scores(self, chunks: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

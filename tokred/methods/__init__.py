@@ -3,6 +3,7 @@
 from tokred.methods.base import (
     METHODS,
     STAGES,
+    EncoderMerger,
     KVScheme,
     LLMReducer,
     Method,
@@ -17,6 +18,7 @@ from tokred.methods.fastv import FastV
 from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
 from tokred.methods.sparsevlm import SparseVLM
+from tokred.methods.tome import ToMe
 from tokred.methods.visionzip import VisionZip
 from tokred.methods.vispruner import VisPruner
 from tokred.tokens import Span, VisionTokens
@@ -28,6 +30,7 @@ __all__ = [
     "CDPruner",
     "DivPrune",
     "FastV",
+    "EncoderMerger",
     "KVScheme",
     "LLMReducer",
     "Method",
@@ -35,6 +38,7 @@ __all__ = [
     "Random",
     "Span",
     "SparseVLM",
+    "ToMe",
     "TokenMerger",
     "TokenReducer",
     "VisionTokens",

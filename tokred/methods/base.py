@@ -169,6 +169,21 @@ class TokenMerger(TokenReducer):
 
 
 @dataclass(frozen=True)
+class EncoderMerger(TokenMerger):
+    """A token merger of the encoder stage. Where the family's tower lets tokred merge between its blocks, the
+    stage calls `reduce` after each block, with that block's keys as the metric, and at the tower's output;
+    elsewhere it folds the tower's output tokens (`fold`) as the pre_llm stage would."""
+
+    def reduce(
+        self, x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, k: int, protect_first: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Merge each sample's (N, d) tokens of a (B, N, d) batch down to k, by `metric` (B, N, m), each token
+        weighing its `sizes` (B, N); `protect_first` keeps token 0 ([CLS]) apart. Returns the (B, k, d) tokens,
+        their sizes, (B, N) the slot each token went into and (B, k) the index of each slot's surviving token."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
 class LLMReducer(TokenReducer):
     """A token reducer of the llm stage: it cuts after each of its `cuts` (LLM layer indices, ascending),
     scoring the tokens as that layer saw them. Most cut once, after their field `layer`."""
@@ -217,7 +232,8 @@ def _count(fraction: float, n: int) -> int:
 
 
 KINDS: dict[str, type[Method]] = {
-    **{stage: TokenReducer for stage in ("frames", "encoder", "pre_llm")},
+    **{stage: TokenReducer for stage in ("frames", "pre_llm")},
+    "encoder": EncoderMerger,
     "llm": LLMReducer,
     "kv": KVScheme,
     "weights": WeightScheme,

@@ -8,6 +8,7 @@ family's extras. Decode steps keep the model's own positions; only their mask is
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from tokred.stages.base import Stage, runtime
 from tokred.stages.call import Call
 from tokred.stages.encoder_attention import EncoderAttention
 from tokred.stages.select import choose
+from tokred.tokens import Selection
 
 
 @runtime
@@ -35,10 +37,8 @@ class PreLLMStage(Stage):
         """Choose (or take the call's given selection) and cut every sequence-aligned LLM input."""
         kwargs = call.kwargs
         embeds = kwargs["inputs_embeds"]
-        encoder = None if self.encoder is None else self.encoder.take(call.spans, embeds.shape[:2], embeds.device)
-        selection = call.given.get(self.name)
-        if selection is None:
-            selection = choose(self.method, call.spans, embeds, kwargs.get("attention_mask"), encoder_scores=encoder)
+        records = self.records(call)  # taken up even when the cut is given
+        selection = call.given.get(self.name) or self.select(call, records)
         call.cut(self.name, selection)
         if selection is None:
             return
@@ -49,6 +49,18 @@ class PreLLMStage(Stage):
         kwargs["position_ids"] = selection.take_positions(position_ids)
         kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"))
         self.adapter.take_text_kwargs(kwargs, selection)
+
+    def records(self, call: Call) -> Any:
+        """What the vision tower recorded for this call's media (here: the encoder signal, where asked for)."""
+        embeds = call.kwargs["inputs_embeds"]
+        return None if self.encoder is None else self.encoder.take(call.spans, embeds.shape[:2], embeds.device)
+
+    def select(self, call: Call, records: Any) -> Selection | None:
+        """The method's cut of the call's LLM inputs (None: it keeps everything)."""
+        kwargs = call.kwargs
+        return choose(
+            self.method, call.spans, kwargs["inputs_embeds"], kwargs.get("attention_mask"), encoder_scores=records
+        )
 
     def decode(self, call: Call) -> None:
         """Carry the cut into a decode step: shorten its mask; fix positions the model derives from the cache."""
