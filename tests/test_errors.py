@@ -49,6 +49,29 @@ def test_fastv_layer_out_of_range_for_the_model(tiny):
     assert not hasattr(tiny.model, "_tokred_session")  # a refused patch leaves the model as it was
 
 
+def test_pdrop_layers_out_of_range_for_the_model(tiny):
+    layers = len(tiny.model.model.language_model.layers)
+    with pytest.raises(ValueError, match=rf"PyramidDrop.layers=\(0, {layers}\) is out of range .* allowed: 0 to"):
+        tokred.patch(tiny.model, tokred.PyramidDrop(layers=(0, layers)))
+
+
+@pytest.mark.parametrize("tiny", ["llava"], indirect=True)
+def test_tome_in_a_tower_it_cannot_bias_or_read_is_refused(tiny, monkeypatch):
+    from tokred.adapters import adapter_for
+
+    config = adapter_for(tiny.model).vision_attention(0).config
+    monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(
+        ValueError, match="proportional attention, which needs an additive attention bias.*sdpa or eager"
+    ):
+        tokred.patch(tiny.model, tokred.ToMe(keep=0.25))
+    monkeypatch.undo()
+    monkeypatch.setattr(tiny.model.config, "vision_feature_layer", [-2, -1])
+    with pytest.raises(ValueError, match=r"several tower layers \[-2, -1\]; tokred merges in towers that feed"):
+        tokred.patch(tiny.model, tokred.ToMe(keep=0.25))
+    assert not hasattr(tiny.model, "_tokred_session")
+
+
 def test_a_refused_patch_keeps_the_previous_one(tiny):
     with tokred.patched(tiny.model, "random-50"):
         with pytest.raises(ValueError, match="out of range"):
