@@ -40,9 +40,9 @@ def test_text_shows_only_what_differs_from_the_defaults_in_pipeline_order():
     ("text", "error", "match"),
     [
         (
-            "mustdrop:keep=0.5",
+            "prumerge:keep=0.5",
             ValueError,
-            r"unknown preset or method 'mustdrop'.*fastv-25.*methods are: cdpruner, dart",
+            r"unknown preset or method 'prumerge'.*fastv-25.*methods are: cdpruner, dart",
         ),
         ("fastv:lyr=2", ValueError, r"fastv has no field 'lyr'.*fields are: keep, keep_tokens, merge, mass, keep_"),
         ("fastv:layer", ValueError, r"fastv has no field 'layer'"),

@@ -82,7 +82,7 @@ def test_a_refused_patch_keeps_the_previous_one(tiny):
 
 
 def test_unknown_preset_lists_presets_and_methods(tiny):
-    listing = r"unknown preset or method 'fastv-33'.*random-50.*fastv-25.*methods are: .*fastv, pdrop, random"
+    listing = r"unknown preset or method 'fastv-33'.*random-50.*fastv-25.*methods are: .*fastv, mustdrop, pdrop, random"
     with pytest.raises(ValueError, match=listing):
         tokred.patch(tiny.model, "fastv-33")
 

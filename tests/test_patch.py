@@ -536,6 +536,39 @@ def test_dart_keeps_what_the_stock_models_keys_and_hidden_states_say(tiny):
         assert kept[b].tolist() == expected.tolist(), b
 
 
+def test_mustdrop_keeps_what_eager_attention_and_the_hidden_states_say(tiny):
+    """MustDrop by hand on the stock eager model: 2x2 windows of the token grid whose mean pairwise cosine (hidden
+    states after layer K) clears the threshold offer their last token only; the rest ranks by the text after the
+    image, alternately by summed and by largest single attention (head mean) at layer K."""
+    inputs, layer = tiny.batch(), 1
+    method = tokred.MustDrop(layer=layer, keep=0.25, threshold=0.5)
+    with tokred.patched(tiny.model, method):
+        tiny.model(**inputs)
+        stats = tokred.stats(tiny.model)
+    hidden, attentions = _layer_input(tiny.load(attn_implementation="eager"), layer + 1, inputs)
+    image_id = tiny.model.config.image_token_id
+    for b, kept in enumerate(stats.kept_positions["llm"]):
+        ids, valid = inputs["input_ids"][b], inputs["attention_mask"][b].bool()
+        image = (ids == image_id).nonzero()[:, 0]
+        after = ((ids != image_id) & valid & (torch.arange(len(ids)) > image.max())).nonzero()[:, 0]
+        rows = attentions[layer][b, :, after][:, :, image].mean(0)  # (text after, image)
+        by_sum, by_max = rows.sum(0).argsort(descending=True).tolist(), rows.amax(0).argsort(descending=True).tolist()
+        order = list(dict.fromkeys(t for pair in zip(by_sum, by_max, strict=True) for t in pair))
+        folded = set()
+        grid = stats.media[b][0][1]
+        if grid is not None:
+            _, h, w = grid
+            unit = torch.nn.functional.normalize(hidden[b, image], dim=-1)
+            for y in range(0, h - h % 2, 2):
+                for x in range(0, w - w % 2, 2):
+                    cells = [y * w + x, y * w + x + 1, (y + 1) * w + x, (y + 1) * w + x + 1]
+                    if (unit[cells] @ unit[cells].T).sum().sub(4).div(12) >= 0.5:
+                        folded |= set(cells[:3])
+        ranked = [t for t in order if t not in folded] + [t for t in order if t in folded]
+        expected = image[sorted(ranked[: budget(len(image), 0.25)])]
+        assert kept.tolist() == expected.tolist(), b
+
+
 @pytest.mark.parametrize("tiny", ["llava"], indirect=True)
 def test_visionzip_ranks_by_the_cls_attention_eager_attention_reports(tiny):
     """VisionZip by hand on LLaVA: the [CLS] row (head mean) of the tower's eager attention at the feature

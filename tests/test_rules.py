@@ -13,6 +13,7 @@ import tokred
 from tokred.methods.cdpruner import conditional_kernel, greedy_map, relevance
 from tokred.methods.dart import least_duplicated
 from tokred.methods.divprune import max_min_diverse
+from tokred.methods.mustdrop import alike_windows, dual_attention_order
 from tokred.methods.sparsevlm import raters
 from tokred.methods.tome import bipartite_merge, merge_down
 from tokred.methods.visionzip import zip_tokens
@@ -279,3 +280,27 @@ def test_tome_merges_down_to_exactly_k_keeping_every_token_once():
         torch.testing.assert_close(merged[0, slot], x[0, into[0] == slot].mean(0), rtol=1e-5, atol=1e-6)
     fold = tokred.ToMe(keep=0.1).fold(tokens(x[0]), 3, torch.Generator())
     assert fold.index.tolist() == origin[0].tolist() and fold.groups.tolist() == into[0].tolist()
+
+
+# -- MustDrop -------------------------------------------------------------------------------------------------
+def test_mustdrop_folds_the_windows_whose_tokens_agree():
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(1 * 4 * 6, 8, generator=g)  # a 4x6 grid: six 2x2 windows
+    window = [0, 1, 6, 7]  # the top-left window's cells, raster order
+    x[window] = x[0] + 0.01 * torch.randn(4, 8, generator=g)
+    folded = alike_windows(x, (1, 4, 6), 0.9)
+    assert folded.nonzero()[:, 0].tolist() == [0, 1, 6]  # the window's last token stands for it
+    unit = F.normalize(x, dim=-1)
+    for w in ([2, 3, 8, 9], [14, 15, 20, 21]):  # others stay unless their mean pairwise cosine clears the bar
+        mean = (unit[w] @ unit[w].T).sum().sub(4).div(12)
+        assert bool(folded[w[:3]].any()) == bool(mean >= 0.9)
+    assert not alike_windows(x, None, 0.9).any()
+
+
+def test_mustdrop_keeps_the_union_of_both_filters_top_lists():
+    attention = torch.tensor([[0.5, 0.0, 0.1, 0.2, 0.0], [0.0, 0.1, 0.1, 0.2, 0.3], [0.0, 0.1, 0.1, 0.25, 0.0]])
+    # global (column sums): 0.5, 0.2, 0.3, 0.65, 0.3 -> 3, 0, 2, 4, 1; individual (column maxima): 0 (0.5), 4 (0.3), 3
+    assert dual_attention_order(attention).tolist()[:4] == [3, 0, 4, 2]
+    embeds, context = torch.randn(5, 4, generator=torch.Generator().manual_seed(3)), torch.zeros(3, 4)
+    view = VisionTokens(Span("image", torch.arange(5), (1, 1, 5)), embeds, context=context, text_attention=attention)
+    assert tokred.MustDrop().select(view, 2, torch.Generator()).tolist() == [0, 3]

@@ -15,6 +15,7 @@ from tokred.methods.cdpruner import CDPruner
 from tokred.methods.dart import DART
 from tokred.methods.divprune import DivPrune
 from tokred.methods.fastv import FastV
+from tokred.methods.mustdrop import MustDrop
 from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
 from tokred.methods.sparsevlm import SparseVLM
@@ -34,6 +35,7 @@ __all__ = [
     "KVScheme",
     "LLMReducer",
     "Method",
+    "MustDrop",
     "PyramidDrop",
     "Random",
     "Span",
