@@ -113,8 +113,9 @@ def test_recipe_controls_become_patch_configs():
         (("fastv", 0.5, "none", "int4"), r"unknown weights scheme 'int4'; no weights scheme is built yet"),
         (("none", 0.5, "fastv"), "unknown kv scheme 'fastv'"),
         (
-            ("tome", 0.5),
-            "unknown method 'tome'; methods are: none, cdpruner, dart, divprune, fastv, random, visionzip, vispruner",
+            ("prumerge", 0.5),
+            "unknown method 'prumerge'; methods are: none, cdpruner, dart, divprune, fastv, mustdrop, pdrop, random, "
+            "sparsevlm, tome, visionzip, vispruner",
         ),
         (("random", 0.0), r"keep must be in \(0, 1\]"),
     ],

@@ -84,7 +84,7 @@ def test_cli_outputs_exist_and_agree(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--methods", "prune-it", "--keep", "0.5"], "unknown method.*prune-it.*divprune, fastv, random"),
+        (["--methods", "prune-it", "--keep", "0.5"], "unknown method.*prune-it.*fastv, mustdrop, pdrop, random"),
         (["--methods", "fastv"], "needs at least one --keep"),
         (
             ["--keep", "0.5"],
