@@ -6,7 +6,8 @@ every registered token reducer at each keep ratio (and, for the selecting ones, 
 the same questions: accuracy, agreement with stock, answer KL and target recall. Then `prefill.measure` times one
 batch of the task's first questions through every setting, interleaved (warm-up, median of ``--repeats`` rounds):
 the vision encoder and the LLM prefill (tokred's own cut and signals included), as ratios over stock. Results go
-to ``<out>/quality.json``, ``quality.md`` and one plot per checkpoint, ``quality-<name>.png`` (the eval
+to ``<out>/quality.json``, ``quality.md``, ``summary.md`` (one compact table: accuracy per method and keep on
+every checkpoint, time ratios at the middle keep) and one plot per checkpoint, ``quality-<name>.png`` (the eval
 report's panels).
 
     python benchmarks/quality.py                        # all shipped checkpoints, 200 questions, keep 0.5 0.25 0.1
@@ -80,6 +81,34 @@ def markdown(rows, timing: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(report: dict) -> str:
+    """One compact table for all checkpoints: per method (merge variants apart), accuracy in % at each keep and
+    the LLM-prefill and vision-encoder time over stock at the middle keep; stock first, then by name."""
+    names, keeps = list(report["checkpoints"]), report["keeps"]
+    middle = keeps[len(keeps) // 2]
+    cells: dict[str, dict[str, dict]] = {}
+    for name, rows in report["checkpoints"].items():
+        for row in rows:
+            cells.setdefault(row["method"], {}).setdefault(name, {})[row["keep"]] = row
+    header = "| method | " + " | ".join(f"{n} @ {' / '.join(map(str, keeps))}" for n in names)
+    header += " | " + " | ".join(f"{n} prefill, vision / stock @ {middle}" for n in names) + " |"
+    lines = [header, "|---" * (1 + 2 * len(names)) + "|"]
+    for method in sorted(cells, key=lambda m: (m != "stock", m)):
+        runs = cells[method]
+        accuracy = [
+            " / ".join(f"{100 * runs[n][k]['accuracy']:.1f}" if k in runs[n] else "–" for k in keeps)
+            if method != "stock"
+            else f"{100 * next(iter(runs[n].values()))['accuracy']:.1f}"
+            for n in names
+        ]
+        timing = []
+        for n in names:
+            row = runs[n].get(middle) if method != "stock" else None
+            timing.append(f"{row['time_ratio']['llm']:.2f}, {row['time_ratio']['vision']:.2f}" if row else "–")
+        lines.append(f"| {method} | " + " | ".join(accuracy) + " | " + " | ".join(timing) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", default=available(), help="shipped names or directories")
@@ -104,8 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     report["runtime_s"] = time.perf_counter() - began
     (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "quality.md").write_text("\n\n".join(sections) + "\n")
-    print("\n\n".join(sections))
-    print(f"wrote {args.out}/quality.json, quality.md, quality-<checkpoint>.png ({report['runtime_s']:.0f} s)")
+    (args.out / "summary.md").write_text(summary(report) + "\n")
+    print("\n\n".join(sections) + "\n\n" + summary(report))
+    print(
+        f"wrote {args.out}/quality.json, quality.md, summary.md, quality-<checkpoint>.png ({report['runtime_s']:.0f} s)"
+    )
     return report
 
 
