@@ -602,6 +602,53 @@ def test_visionzip_ranks_by_the_cls_attention_eager_attention_reports(tiny):
         assert kept[b].tolist() == positions[merge.index].tolist(), b
 
 
+@pytest.mark.parametrize("tiny", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], indirect=True)
+def test_qwen_tower_scores_are_the_eager_attention_each_token_receives(tiny, monkeypatch):
+    """The encoder signal on Qwen towers by hand: transformers' own eager attention of the signal block (each
+    chunk: a window or the whole image), averaged over heads and queries per patch, then over each 2x2 merger
+    group, and put back in raster order where the tower works in windows."""
+    import sys
+
+    import tokred.stages.pre_llm as pre_llm
+    from tokred.adapters import adapter_for
+
+    inputs, seen, stock = tiny.batch(), {}, pre_llm.choose
+
+    def spy(*args, **kwargs):
+        seen["scores"] = kwargs["encoder_scores"]
+        return stock(*args, **kwargs)
+
+    monkeypatch.setattr(pre_llm, "choose", spy)
+    with tokred.patched(tiny.model, tokred.VisPruner(keep=0.5)):
+        tiny.model(**inputs)
+    eager = tiny.load(attn_implementation="eager")
+    adapter = adapter_for(eager)
+    block = adapter.vision_attention(adapter.encoder_attention_block())
+    module = sys.modules[type(block).__module__]
+    weights, kernel = [], module.eager_attention_forward
+
+    def recording(attention, *args, **kwargs):
+        out, probs = kernel(attention, *args, **kwargs)
+        if attention is block:
+            weights.append(probs.float().mean((1, 2))[0])  # (chunk,): head and query mean
+        return out, probs
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    eager.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    patches = torch.cat(weights)
+    unit = eager.config.vision_config.spatial_merge_size**2
+    groups, at = patches.view(-1, unit).mean(-1), 0
+    image_id = tiny.model.config.image_token_id
+    for b, grid in enumerate(inputs["image_grid_thw"]):
+        count = int(grid.prod()) // unit
+        mine = groups[at : at + count]
+        if adapter.windowed:
+            mine = mine[torch.argsort(compat.window_order(adapter.vision_tower, grid[None]))]
+        at += count
+        positions = (inputs["input_ids"][b] == image_id).nonzero()[:, 0]
+        torch.testing.assert_close(seen["scores"][b, positions], mine, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("tiny", ["llava", "qwen2_5_vl"], indirect=True)
 def test_tower_attention_sizes_auto_budgets(tiny, monkeypatch):
     """keep="auto" on the tower's attention: each sample keeps the fewest tokens holding `mass` of it."""
