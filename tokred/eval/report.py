@@ -86,14 +86,19 @@ PANELS = (
 
 
 def plot(rows: Sequence[Row], path: Path) -> None:
-    """Each measure (a row of panels) against vision tokens kept, one panel per task, one line per method,
-    stock as a dashed level where the measure has one."""
+    """Each measure (a row of panels) against vision tokens kept, one panel per task, one line per method (its
+    ``merge`` variant dashed, in the same colour), stock as a dashed level where the measure has one; one legend
+    for the figure, beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     tasks = list(dict.fromkeys(r.task for r in rows))
+    methods = [m for m in dict.fromkeys(r.method for r in rows) if m != "stock"]
+    bases = list(dict.fromkeys(m.removesuffix(" merge") for m in methods))
+    palette = plt.get_cmap("tab20" if len(bases) > 10 else "tab10")
+    colour = {base: palette(i % palette.N) for i, base in enumerate(bases)}
     fig, axes = plt.subplots(len(PANELS), len(tasks), figsize=(5.5 * len(tasks), 3.6 * len(PANELS)), squeeze=False)
     for (key, label, ylim), panel in zip(PANELS, axes, strict=True):
         for ax, task in zip(panel, tasks, strict=True):
@@ -112,13 +117,18 @@ def plot(rows: Sequence[Row], path: Path) -> None:
                     ax.plot([x], [y], "k*", markersize=10, label=name)
                     continue
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=method)
+                style = "--" if method.endswith(" merge") else "-"
+                ax.plot(xs, ys, style, marker="o", color=colour[method.removesuffix(" merge")], label=method)
             ax.set(title=task, xlabel="vision tokens kept per question (mean)", ylabel=label)
             if ylim:
                 ax.set_ylim(*ylim)
             ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend(loc="best")
+    handles: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
