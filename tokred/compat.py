@@ -145,6 +145,17 @@ def attention_kernel(module: nn.Module, implementation: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
+def stock_attention(module: nn.Module, stock_config: Any, *args, **kwargs) -> Any:
+    """Run `module`'s own attention kernel (that of `stock_config`'s implementation) on the attention function's
+    arguments, with `stock_config` in place while it runs: what a capturing attention function calls once it
+    has noted what it needs, so the model's own kernel does the work."""
+    patched, module.config = module.config, stock_config
+    try:
+        return attention_kernel(module, attention_implementation(stock_config))(module, *args, **kwargs)
+    finally:
+        module.config = patched
+
+
 def attention_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """A causal mask over the last `q_len` queries in the format the layers get for `implementation`.
 

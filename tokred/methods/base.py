@@ -149,6 +149,17 @@ class TokenReducer(Method):
         return fold_into_kept(tokens.embeds, self.select(tokens, k, generator), self.importance(tokens))
 
 
+class ByTowerAttention:
+    """Mixin of reducers ranked by the attention each token receives in the vision tower (the encoder signal):
+    they ask the pre_llm stage for it, and it is their importance (what ``keep="auto"`` and merged means weigh)."""
+
+    needs_encoder_attention: ClassVar[bool] = True
+    scored: ClassVar[bool] = True
+
+    def importance(self, tokens: VisionTokens) -> torch.Tensor | None:
+        return tokens.encoder_scores
+
+
 @dataclass(frozen=True)
 class TokenMerger(TokenReducer):
     """A token reducer that always merges by its own rule: `fold` says which k slots survive, the rows they

@@ -4,12 +4,11 @@ merged from the rest."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tokred.methods.base import TokenMerger, register
+from tokred.methods.base import ByTowerAttention, TokenMerger, register
 from tokred.tokens import Merge, VisionTokens
 
 
@@ -45,7 +44,7 @@ def zip_tokens(features: torch.Tensor, scores: torch.Tensor, dominant: int, cont
 
 @register("visionzip", stage="pre_llm")
 @dataclass(frozen=True)
-class VisionZip(TokenMerger):
+class VisionZip(ByTowerAttention, TokenMerger):
     """`dominant` is the share of the budget spent on the tokens the tower attends to most (VisionZip's 54 of
     64); the rest are contextual tokens. Scores: the [CLS] row at the layer LLaVA takes its features from, or
     the mean attention each token receives in the last (full-attention) block of towers without [CLS]
@@ -55,12 +54,6 @@ class VisionZip(TokenMerger):
     least one contextual token is kept (so every dropped token has a group; a budget of one is all contextual)."""
 
     dominant: float = 54 / 64
-    needs_encoder_attention: ClassVar[bool] = True
-    scored: ClassVar[bool] = True
-
-    def importance(self, tokens: VisionTokens) -> torch.Tensor | None:
-        """The attention each token received in the tower (what ``keep="auto"`` and merged means weigh)."""
-        return tokens.encoder_scores
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -4,12 +4,11 @@ repeatedly dropping duplicates from the rest."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tokred.methods.base import TokenReducer, register
+from tokred.methods.base import ByTowerAttention, TokenReducer, register
 from tokred.tokens import VisionTokens
 
 DROPS_PER_ROUND = 8
@@ -32,19 +31,13 @@ def deduplicate(features: torch.Tensor, candidates: torch.Tensor, k: int) -> tor
 
 @register("vispruner", stage="pre_llm")
 @dataclass(frozen=True)
-class VisPruner(TokenReducer):
+class VisPruner(ByTowerAttention, TokenReducer):
     """`important` is the share of the budget for the tokens with the most attention in the vision tower (the
     same signal as `visionzip`); the rest of the budget goes to the tokens that survive de-duplication of the
     remainder. Deliberate difference from the official code: similarity is that of the projected tokens (it
     uses the tower's features)."""
 
     important: float = 0.5
-    needs_encoder_attention: ClassVar[bool] = True
-    scored: ClassVar[bool] = True
-
-    def importance(self, tokens: VisionTokens) -> torch.Tensor | None:
-        """The attention each token received in the tower (what ``keep="auto"`` and merged means weigh)."""
-        return tokens.encoder_scores
 
     def __post_init__(self) -> None:
         super().__post_init__()

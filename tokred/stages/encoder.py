@@ -34,13 +34,8 @@ def _keys(module, query, key, value, attention_mask, **kwargs):
     """Attention function of a merging block: note its keys (head mean), then run the stock kernel."""
     tower: TowerMerge = module._tokred_tower
     tower.keys[module._tokred_block] = key.float().mean(1)
-    patched, module.config = module.config, tower.stock_configs[module._tokred_block]
-    try:
-        return compat.attention_kernel(module, tower.implementation)(
-            module, query, key, value, attention_mask, **kwargs
-        )
-    finally:
-        module.config = patched
+    stock = tower.stock_configs[module._tokred_block]
+    return compat.stock_attention(module, stock, query, key, value, attention_mask, **kwargs)
 
 
 compat.register_attention(KEYS, _keys)

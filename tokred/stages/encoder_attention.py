@@ -28,13 +28,7 @@ def _capture(module, query, key, value, attention_mask, **kwargs):
     """Attention function of the signal block: note what each token receives, then run the stock kernel."""
     reader: EncoderAttention = module._tokred_encoder
     reader.observe(query, key, kwargs)
-    patched, module.config = module.config, reader.stock_config
-    try:
-        return compat.attention_kernel(module, reader.implementation)(
-            module, query, key, value, attention_mask, **kwargs
-        )
-    finally:
-        module.config = patched
+    return compat.stock_attention(module, reader.stock_config, query, key, value, attention_mask, **kwargs)
 
 
 compat.register_attention(CAPTURE, _capture)

@@ -36,13 +36,9 @@ def _capture(module, query, key, value, attention_mask, **kwargs):
     """Attention function for layer K: note q/k for the stage, then run the stock kernel unchanged."""
     stage: LLMStage = module._tokred_stage
     stage.observe(module._tokred_step, query, key, kwargs.get("scaling"))
-    patched_config, module.config = module.config, stage.stock_configs[module._tokred_step]
-    try:
-        return compat.attention_kernel(module, stage.implementation)(
-            module, query, key, value, attention_mask, **kwargs
-        )
-    finally:
-        module.config = patched_config
+    return compat.stock_attention(
+        module, stage.stock_configs[module._tokred_step], query, key, value, attention_mask, **kwargs
+    )
 
 
 compat.register_attention(CAPTURE, _capture)

@@ -118,13 +118,7 @@ PROBE = "tokred_curriculum_probe"
 def _probe(module, query, key, value, attention_mask, **kwargs):
     """Record q/k for the attention loss, then run the layer's own kernel unchanged."""
     module._tokred_probe.append((query, key, kwargs.get("scaling")))
-    patched, module.config = module.config, module._tokred_stock_config
-    try:
-        return compat.attention_kernel(module, compat.attention_implementation(module.config))(
-            module, query, key, value, attention_mask, **kwargs
-        )
-    finally:
-        module.config = patched
+    return compat.stock_attention(module, module._tokred_stock_config, query, key, value, attention_mask, **kwargs)
 
 
 compat.register_attention(PROBE, _probe)
