@@ -107,19 +107,22 @@ def answer_labels(tokenizer, input_ids: torch.Tensor, turns: list[list[dict]]) -
     return labels
 
 
-def turns_for(kind: str, record: dict, rng: np.random.Generator, limit: int) -> list[dict]:
-    """The record's own question, then up to ``limit - 1`` more about the same scene, types drawn evenly."""
+def turns_for(
+    kind: str, record: dict, rng: np.random.Generator, limit: int, types: Sequence[str] | None = None
+) -> list[dict]:
+    """The record's own question, then up to ``limit - 1`` more about the same scene, types drawn evenly. With
+    `types`, only questions of those types (a scene that has none keeps its own question)."""
     pool: dict[str, list[dict]] = {}
     for q in questions(kind, record, rng):
-        if q["question"] != record["question"]:
+        if q["question"] != record["question"] and (types is None or q["type"] in types):
             pool.setdefault(q["type"], []).append(q)
-    turns = [record]
+    turns = [record] if types is None or record["type"] in types else []
     while len(turns) < limit and pool:
         qtype = list(pool)[int(rng.integers(len(pool)))]
         turns.append(pool[qtype].pop(int(rng.integers(len(pool[qtype])))))
         if not pool[qtype]:
             del pool[qtype]
-    return turns
+    return turns or [record]
 
 
 def _frames(media: Image.Image | list[Image.Image]) -> list[Image.Image]:
@@ -160,10 +163,18 @@ class Batches(IterableDataset):
     workers."""
 
     def __init__(
-        self, processor, tasks: list[str], batch_size: int, questions: int, seed: int, first: int, vision_ids: list[int]
+        self,
+        processor,
+        tasks: list[str],
+        batch_size: int,
+        questions: int,
+        seed: int,
+        first: int,
+        vision_ids: list[int],
+        types: Sequence[str] | None = None,
     ) -> None:
         self.processor, self.tasks, self.batch_size, self.questions = processor, tasks, batch_size, questions
-        self.seed, self.first, self.vision_ids = seed, first, torch.tensor(vision_ids)
+        self.seed, self.first, self.vision_ids, self.types = seed, first, torch.tensor(vision_ids), types
 
     def __iter__(self):
         worker = get_worker_info()
@@ -177,7 +188,7 @@ class Batches(IterableDataset):
         index = self.first + step * self.batch_size
         records = [sample(kind, "train", index + i, seed=self.seed) for i in range(self.batch_size)]
         rng = np.random.default_rng([self.seed, step])
-        items = [(turns_for(kind, r, rng, self.questions), m) for r, m in records]
+        items = [(turns_for(kind, r, rng, self.questions, self.types), m) for r, m in records]
         inputs = batch_inputs(self.processor, kind, items, train=True)
         counts = torch.isin(inputs["input_ids"], self.vision_ids).sum(dim=1).tolist()
         grids = [token_grid(n, m) for (_, m), n in zip(records, counts, strict=True)]
@@ -343,7 +354,9 @@ def train(args: argparse.Namespace) -> dict:
         symbols.load_state_dict(torch.load(Path(args.init) / SYMBOLS))
     command = " ".join(["python -m tokred.zoo.train", *sys.argv[1:]])
     for stage, minutes, lr in zip(args.stages, args.minutes, args.lr, strict=True):
-        batches = Batches(processor, args.task, args.batch_size, args.questions, args.seed, first, vision_ids)
+        batches = Batches(
+            processor, args.task, args.batch_size, args.questions, args.seed, first, vision_ids, args.types
+        )
         loader = iter(
             DataLoader(batches, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
         )
@@ -410,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--image-size", type=int, default=448, help="the processor's largest image side (LLaVA: the tower's input)"
     )
     parser.add_argument("--questions", type=int, default=8, help="question/answer turns per image or clip")
+    parser.add_argument(
+        "--types", nargs="+", help="train on these question types only (e.g. quadrant), for a leg that focuses"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=150, help="warm-up steps of each stage")
     parser.add_argument("--seed", type=int, default=0)
