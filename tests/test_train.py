@@ -57,6 +57,20 @@ def test_turns_start_with_the_record_and_never_repeat():
         assert len({t["question"] for t in turns}) == len(turns)
 
 
+def test_turns_of_chosen_types_only():
+    rng, kept = np.random.default_rng(0), 0
+    for i in range(30):
+        record, _ = sample("shapes", "train", i)
+        turns = turns_for("shapes", record, rng, 4, types=("quadrant",))
+        if any(t["type"] == "quadrant" for t in turns):
+            kept += 1
+            assert {t["type"] for t in turns} == {"quadrant"} and len({t["question"] for t in turns}) == len(turns)
+            assert (turns[0] is record) == (record["type"] == "quadrant")
+        else:  # a scene without a question of the type keeps its own
+            assert turns == [record]
+    assert kept > 10
+
+
 def test_token_grid():
     _, frames = sample("motion", "train", 0)
     assert token_grid(128, frames) == (8, 4, 4)
