@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor
 
@@ -14,6 +15,7 @@ from tokred.zoo import build
 from tokred.zoo.curriculum import (
     Symbols,
     attention_loss,
+    quadrant_seen,
     recorded_attention,
     symbolic_inputs,
     vision_rows,
@@ -22,7 +24,16 @@ from tokred.zoo.datasets import COLOURS, SHAPES, sample
 from tokred.zoo.datasets.cells import owners
 from tokred.zoo.datasets.shapes import QUADRANTS, quadrant
 from tokred.zoo.prompts import chat
-from tokred.zoo.train import Batches, answer_queries, batch_inputs, token_grid, trainable, turns_for
+from tokred.zoo.train import (
+    Batches,
+    answer_queries,
+    batch_inputs,
+    dropped_loss,
+    kept_share,
+    token_grid,
+    trainable,
+    turns_for,
+)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
@@ -106,9 +117,10 @@ def tiny_trainee(tmp_path_factory):
     return model, processor, Batches(processor, ["shapes"], 2, 2, seed=0, first=0, vision_ids=ids).batch(0)
 
 
-def test_symbols_sum_the_colour_shape_and_quadrant_of_the_object_in_each_cell(tiny_trainee):
+@pytest.mark.parametrize("with_quadrant", [True, False])
+def test_symbols_sum_the_colour_shape_and_quadrant_of_the_object_in_each_cell(tiny_trainee, with_quadrant):
     model, _, batch = tiny_trainee
-    symbols = Symbols(model.config.get_text_config().hidden_size)
+    symbols = Symbols(model.config.get_text_config().hidden_size, with_quadrant)
     record, grid = batch.records[0], batch.grids[0]
     rows, owner = symbols.rows(record, grid, batch.size), owners(record, grid, batch.size)
     assert rows.shape == (64, symbols.background.numel())
@@ -118,10 +130,36 @@ def test_symbols_sum_the_colour_shape_and_quadrant_of_the_object_in_each_cell(ti
         expected = (
             symbols.colour.weight[list(COLOURS).index(o["colour"])]
             + symbols.shape.weight[SHAPES.index(o["shape"])]
-            + symbols.quadrant.weight[QUADRANTS.index(quadrant(o["cx"], o["cy"], batch.size))]
+            + symbols.quadrant.weight[QUADRANTS.index(quadrant(o["cx"], o["cy"], batch.size))] * with_quadrant
         )
         torch.testing.assert_close(rows[token], expected)
     assert quadrant(10, 200, 224) == "bottomleft" and quadrant(120, 20, 224) == "topright"
+    assert [quadrant_seen(f) for f in ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")] == [
+        True,
+        True,
+        False,
+        False,
+        True,
+    ]
+
+
+def test_the_align_loss_weighs_each_factor_alike():
+    """Rows that keep colour and shape but drop a quadrant vector a third as long as the others are off by
+    under a tenth overall, and by a whole unit on the quadrant's own term; exact rows cost nothing."""
+    torch.manual_seed(0)
+    symbols = Symbols(128)
+    with torch.no_grad():
+        for table, norm in ((symbols.colour, 0.9), (symbols.shape, 0.9), (symbols.quadrant, 0.3)):
+            table.weight.copy_(norm * F.normalize(torch.randn_like(table.weight), dim=-1))
+    n = 256
+    parts = [table.weight[torch.randint(table.num_embeddings, (n,))] for table in (symbols.colour, symbols.shape)]
+    quadrants = symbols.quadrant.weight[torch.randint(len(QUADRANTS), (n,))]
+    target = (parts[0] + parts[1] + quadrants).detach()
+    dropped = target - quadrants.detach()
+    overall = F.mse_loss(dropped, target) / target.pow(2).mean()
+    assert overall < 0.1
+    assert symbols.align_loss(dropped, target) >= overall + 1 - 1e-4
+    assert symbols.align_loss(target, target) == 0
 
 
 def test_the_attention_loss_agrees_with_eager_attention_weights(tiny_trainee, tmp_path):
@@ -199,3 +237,18 @@ def test_the_align_stage_reads_the_vision_tokens_without_running_the_llm(tiny_tr
         finally:
             handle.remove()
     torch.testing.assert_close(out.detach(), embeds[0][batch.inputs["input_ids"] == model.config.image_token_id])
+
+
+def test_dropped_tokens_take_their_labels_with_them(tiny_trainee):
+    """With every token kept by the cut, the loss is the model's own; with half, the LLM sees half of each
+    image's tokens and the loss still covers every answer."""
+    model, _, batch = tiny_trainee
+    torch.manual_seed(0)
+    with torch.no_grad():
+        full = model(**batch.inputs).loss
+        torch.testing.assert_close(dropped_loss(model, batch, 0.999), full)
+        half = dropped_loss(model, batch, 0.5)
+    assert torch.isfinite(half) and not torch.isclose(half, full)
+    assert [kept_share("align", 1.0, 0, step) for step in range(20)] == [1.0] * 20
+    shares = [kept_share("joint", 0.5, 0, step) for step in range(200)]
+    assert 60 <= sum(s < 1 for s in shares) <= 140 and all(0.05 <= s <= 1 for s in shares)

@@ -5,9 +5,11 @@ object it names while the tower is still learning to see. The curriculum splits 
 
 1. ``symbolic``: the LLM alone learns on clean symbols: each vision token is, in place of the tower's
    features (the tower does not run; positions and masks are the model's own), the sum of learned vectors for
-   the colour, shape and quadrant of the object painting its cell (a learned background vector otherwise).
+   the colour, shape and quadrant of the object painting its cell (a learned background vector otherwise;
+   the quadrant only where the tower can see it, `Symbols`).
    (Tying the symbols to the question words' own embeddings was tried and stalled near the answer prior.)
-2. ``align``: the tower and projector learn to produce those symbols from pixels (the LLM is frozen).
+2. ``align``: the tower and projector learn to produce those symbols from pixels (the LLM is frozen), each
+   factor (colour, shape, quadrant) weighed alike (`Symbols.align_loss`).
 3. ``joint``: the whole model fine-tunes on the answer loss from pixels.
 
 The symbols are a training aid only: the saved model is the stock architecture and sees pixels.
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tokred import compat
 from tokred.adapters.base import Adapter
@@ -32,10 +35,17 @@ STAGES = ("symbolic", "align", "joint")
 
 class Symbols(nn.Module):
     """Symbolic vision tokens for a batch of scenes: per cell, the sum of learned vectors for the colour,
-    shape and quadrant of the object painting it, or a learned background vector."""
+    shape and (with `quadrant`) quadrant of the object painting it, or a learned background vector.
 
-    def __init__(self, width: int) -> None:
+    The symbols hold what the tower can see in a cell. A tower with absolute position embeddings (CLIP,
+    SigLIP, Qwen3-VL) can tell where a patch sits; Qwen2-VL's and Qwen2.5-VL's towers are rotary only, so
+    their features cannot say where a patch is (at 224 px Qwen2.5-VL's four windows are the four quadrants,
+    each computed alike); their LLM must read the quadrant from its M-RoPE positions, and learns to in the
+    symbolic stage when the symbols leave it out (`quadrant_seen`)."""
+
+    def __init__(self, width: int, quadrant: bool = True) -> None:
         super().__init__()
+        self.with_quadrant = quadrant
         self.colour = nn.Embedding(len(COLOURS), width)
         self.shape = nn.Embedding(len(SHAPES), width)
         self.quadrant = nn.Embedding(len(QUADRANTS), width)
@@ -59,12 +69,32 @@ class Symbols(nn.Module):
                 ]
             )
         index = index.to(self.background.device)
-        objects = self.colour(index[:, 0]) + self.shape(index[:, 1]) + self.quadrant(index[:, 2])
+        objects = self.colour(index[:, 0]) + self.shape(index[:, 1])
+        if self.with_quadrant:
+            objects = objects + self.quadrant(index[:, 2])
         return torch.where((owner >= 0).to(index.device)[:, None], objects, self.background)
 
     def batch(self, records: list[dict], grids: list[tuple[int, int, int]], size: int) -> torch.Tensor:
         """(tokens, d) the symbols of a batch, in sequence order (each medium's tokens in raster order)."""
         return torch.cat([self.rows(r, g, size) for r, g in zip(records, grids, strict=True)])
+
+    def align_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Relative squared error of the tower's rows `out` (tokens, d) against their symbols `target`, plus, per
+        factor (colour, shape, quadrant), the squared error within the span of its vectors relative to their
+        mean squared norm. The symbolic stage leaves the quadrant vectors a few times smaller than the colour
+        ones; under the overall error alone the tower learned colour and shape and dropped the quadrant
+        (answers fell to its prior). Per factor, dropping any one costs alike."""
+        loss = F.mse_loss(out, target) / target.pow(2).mean()
+        for table in (self.colour, self.shape, self.quadrant)[: 2 + self.with_quadrant]:
+            vectors = table.weight.detach().float()
+            basis = torch.linalg.qr(vectors.T).Q  # (d, values): orthonormal, spanning the factor's vectors
+            loss = loss + ((out - target) @ basis).pow(2).sum(-1).mean() / vectors.pow(2).sum(-1).mean()
+        return loss
+
+
+def quadrant_seen(family: str) -> bool:
+    """Whether `family`'s vision tower has absolute position embeddings, so its features can carry a quadrant."""
+    return family not in ("qwen2_vl", "qwen2_5_vl")
 
 
 def vision_mask(adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:

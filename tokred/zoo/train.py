@@ -36,12 +36,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import tokred
 from tokred.adapters import adapter_for
+from tokred.methods.random import Random
 from tokred.zoo import build
 from tokred.zoo.curriculum import (
     STAGES,
     Symbols,
     attention_loss,
+    quadrant_seen,
     recorded_attention,
     symbolic_inputs,
     vision_mask,
@@ -154,6 +157,7 @@ class Batch:
     turns: list[list[dict]]  # each medium's question/answer turns, in sequence order
     grids: list[tuple[int, int, int]]  # each medium's (t, h, w) token grid
     size: int  # the media's side in pixels
+    step: int  # its place in the stream (seeds the step's random choices)
 
 
 class Batches(IterableDataset):
@@ -193,7 +197,8 @@ class Batches(IterableDataset):
         counts = torch.isin(inputs["input_ids"], self.vision_ids).sum(dim=1).tolist()
         grids = [token_grid(n, m) for (_, m), n in zip(records, counts, strict=True)]
         turns = [t for t, _ in items]
-        return Batch(kind, inputs, [r for r, _ in records], turns, grids, _frames(records[0][1])[0].width)
+        size = _frames(records[0][1])[0].width
+        return Batch(kind, inputs, [r for r, _ in records], turns, grids, size, step)
 
 
 def accuracy(
@@ -241,26 +246,48 @@ def trainable(model: nn.Module, stage: str) -> list[nn.Parameter]:
     return chosen
 
 
-def stage_loss(stage: str, model: nn.Module, symbols: Symbols, batch: Batch, attention_weight: float) -> torch.Tensor:
+def stage_loss(
+    stage: str, model: nn.Module, symbols: Symbols, batch: Batch, attention_weight: float, keep: float = 1.0
+) -> torch.Tensor:
     """The answer loss on symbols (``symbolic``) or pixels (``joint``), plus `attention_weight` times the
-    attention loss of the last two LLM layers; or the vision tokens' relative squared error against the
-    symbols (``align``)."""
+    attention loss of the last two LLM layers; or the vision tokens' error against the symbols (``align``,
+    `Symbols.align_loss`). With `keep` below 1 the LLM sees only that share of each medium's vision tokens
+    (tokred's own ``random`` cut before the LLM), so that it learns to answer from whichever tokens remain."""
     adapter = adapter_for(model)
     if stage == "align":
         out = vision_rows(model, adapter, batch.inputs).float()
-        target = symbols.batch(batch.records, batch.grids, batch.size).detach()
-        return F.mse_loss(out, target) / target.pow(2).mean()
+        return symbols.align_loss(out, symbols.batch(batch.records, batch.grids, batch.size).detach())
+    if keep < 1 and attention_weight:
+        raise ValueError("the attention loss reads the full sequence's positions; it cannot run with dropped tokens")
     layers = list(range(len(adapter.layers)))[-2:] if attention_weight else []
     with contextlib.ExitStack() as stack:
         if stage == "symbolic":
             rows = symbols.batch(batch.records, batch.grids, batch.size)
             stack.enter_context(symbolic_inputs(adapter, lambda: rows))
         records = stack.enter_context(recorded_attention(adapter, layers))
-        loss = model(**batch.inputs).loss
+        loss = model(**batch.inputs).loss if keep >= 1 else dropped_loss(model, batch, keep)
     if layers:
         queries = answer_queries(adapter, batch)
         loss = loss + attention_weight * attention_loss(records, queries, batch.inputs.get("attention_mask"))
     return loss
+
+
+def dropped_loss(model: nn.Module, batch: Batch, keep: float) -> torch.Tensor:
+    """The answer loss with only a random share `keep` of each medium's vision tokens reaching the LLM: the
+    labels follow the positions that survive the cut (every medium of a batch has as many tokens, so every
+    sample keeps as many and the batch stays rectangular)."""
+    inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
+    with tokred.patched(model, Random(keep=keep, seed=batch.step)):
+        logits = model(**inputs).logits
+        kept = tokred.stats(model).kept_positions["pre_llm"]
+    labels = batch.inputs["labels"]
+    survive = ~vision_mask(adapter_for(model), batch.inputs["input_ids"])
+    for b, positions in enumerate(kept):
+        survive[b, positions.to(survive.device)] = True
+    labels = torch.stack([labels[b][survive[b]] for b in range(len(labels))])
+    if labels.shape[1] != logits.shape[1]:
+        raise RuntimeError(f"the cut left {logits.shape[1]} positions but {labels.shape[1]} labels")
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def answer_queries(adapter, batch: Batch) -> list[tuple[int, int, torch.Tensor]]:
@@ -276,6 +303,15 @@ def answer_queries(adapter, batch: Batch) -> list[tuple[int, int, torch.Tensor]]
             if cells.any():
                 out.append((b, start - 1, positions[torch.from_numpy(cells).to(positions.device)]))
     return out
+
+
+def kept_share(stage: str, drop: float, seed: int, step: int) -> float:
+    """The share of vision tokens the LLM sees at this step: 1, or with probability `drop` (answer-loss stages
+    only) a share drawn uniformly from [0.05, 1)."""
+    rng = np.random.default_rng([seed, step, 1])
+    if stage == "align" or rng.random() >= drop:
+        return 1.0
+    return float(rng.uniform(0.05, 1.0))
 
 
 def run_stage(
@@ -303,8 +339,9 @@ def run_stage(
             group["lr"] = lr * scale
         batch = next(loader)
         batch.inputs = batch.inputs.to(args.device)
+        keep = kept_share(stage, args.drop, args.seed, batch.step)
         with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device != "cpu"):
-            loss = stage_loss(stage, model, symbols, batch, args.attention_weight)
+            loss = stage_loss(stage, model, symbols, batch, args.attention_weight, keep)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), optimizer.zero_grad()
@@ -349,7 +386,7 @@ def train(args: argparse.Namespace) -> dict:
     vision_ids = list(adapter_for(model).token_ids().values())
     first = previous["media_seen"] if previous else 0
     legs = list(previous["legs"]) if previous else []
-    symbols = Symbols(model.config.get_text_config().hidden_size).to(args.device)
+    symbols = Symbols(model.config.get_text_config().hidden_size, quadrant_seen(args.family)).to(args.device)
     if args.init and (Path(args.init) / SYMBOLS).is_file():
         symbols.load_state_dict(torch.load(Path(args.init) / SYMBOLS))
     command = " ".join(["python -m tokred.zoo.train", *sys.argv[1:]])
@@ -443,6 +480,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=0.0,
         help="weight of the loss that teaches head 0 of the last two LLM layers to attend from the token before "
         "each answer to the objects it rests on (symbolic and joint stages; 0: off)",
+    )
+    parser.add_argument(
+        "--drop",
+        type=float,
+        default=0.0,
+        help="share of the answer-loss steps on which the LLM sees only a random share (5-100%%) of the vision "
+        "tokens, so that its answers rest on the tokens of the objects asked about (0: off)",
     )
     parser.add_argument("--keep-symbols", action="store_true", help=f"also save {SYMBOLS}, to continue stages 1-2")
     args = parser.parse_args(argv)
