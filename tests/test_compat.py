@@ -90,18 +90,45 @@ def test_eager_attention(tiny):
 
 
 def test_media_features(tiny):
+    """The Qwen adapters record each get_*_features call's grids, LLaVA-OneVision's its image sizes."""
     adapter = adapter_for(tiny.model)
-    if not tiny.family.startswith("qwen"):
-        pytest.skip("only the Qwen adapters record get_*_features grids")
+    if tiny.family == "llava":
+        pytest.skip("the LLaVA adapter records no get_*_features arguments")
+    name = "image_sizes" if tiny.family == "llava_onevision" else "image_grid_thw"
     seen: list = []
-    undo = compat.wrap_media_features(adapter.outer, "image", lambda arguments: seen.append(arguments))
+    undo = compat.wrap_media_features(adapter.outer, "image", lambda arguments: seen.append(arguments), name)
     try:
         inputs = tiny.image()
         tiny.model.generate(**inputs, max_new_tokens=1, do_sample=False)
     finally:
         undo()
-    assert len(seen) == 1 and torch.equal(seen[0]["image_grid_thw"], inputs["image_grid_thw"]), "seam 'media features'"
+    assert len(seen) == 1 and torch.equal(seen[0][name], inputs[name]), "seam 'media features'"
     assert "get_image_features" not in vars(adapter.outer)
+
+
+def test_onevision_layout(tiny):
+    """Scores laid out by the model's own packing and pooling land one per image or video token."""
+    if tiny.family != "llava_onevision":
+        pytest.skip("only LLaVA-OneVision packs anyres views and pools video frames")
+    outer, config = adapter_for(tiny.model).outer, tiny.model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    inputs = tiny.batch()
+    views = sum(
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        for size in inputs["image_sizes"]
+    )
+    scores = compat.onevision_image_scores(outer, torch.ones(views, side * side), dict(inputs))
+    with pytest.raises(compat.SeamError, match="onevision layout"):
+        compat.onevision_image_scores(outer, torch.ones(views + 1, side * side), dict(inputs))
+    counts = (inputs["input_ids"] == config.image_token_id).sum(1).tolist()
+    assert [len(s) for s in scores] == counts, "seam 'onevision layout'"
+    video = tiny.video()
+    frames = video["pixel_values_videos"].shape[1]
+    (pooled,) = compat.onevision_video_scores(outer, torch.ones(frames, side * side), 1)
+    assert len(pooled) == int((video["input_ids"] == config.video_token_id).sum()), "seam 'onevision layout'"
+    assert pooled[-1] == 0 and bool((pooled[:-1] == 1).all())
 
 
 def test_given_media_features(tiny):

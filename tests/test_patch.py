@@ -649,6 +649,67 @@ def test_qwen_tower_scores_are_the_eager_attention_each_token_receives(tiny, mon
         torch.testing.assert_close(seen["scores"][b, positions], mine, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("tiny", ["llava_onevision"], indirect=True)
+@pytest.mark.parametrize("kind", ["batch", "video"])
+def test_onevision_tower_scores_are_the_eager_attention_each_token_receives(tiny, kind, monkeypatch):
+    """The encoder signal on LLaVA-OneVision by hand: SigLIP's eager attention at the projector's block, head
+    and query mean per tower token, then carried to the LLM tokens the way the features are: for images each
+    LLM token takes the score of the tower token whose features it holds (traced by feeding the projector the
+    tower tokens' indices; newline tokens score 0), for video each is the mean of its 2x2 pooled tokens."""
+    import sys
+
+    import tokred.stages.pre_llm as pre_llm
+    from tokred.adapters import adapter_for
+
+    inputs, seen, stock = tiny.inputs(kind), {}, pre_llm.choose
+
+    def spy(*args, **kwargs):
+        seen["scores"] = kwargs["encoder_scores"]
+        return stock(*args, **kwargs)
+
+    monkeypatch.setattr(pre_llm, "choose", spy)
+    with tokred.patched(tiny.model, tokred.VisPruner(keep=0.5)):
+        tiny.model(**inputs)
+    eager = tiny.load(attn_implementation="eager")
+    adapter = adapter_for(eager)
+    block = adapter.vision_attention(adapter.encoder_attention_block())
+    module = sys.modules[type(block).__module__]
+    weights, kernel = [], module.eager_attention_forward
+
+    def recording(attention, *args, **kwargs):
+        out, probs = kernel(attention, *args, **kwargs)
+        if attention is block:
+            weights.append(probs.float().mean((1, 2)))  # (views or frames, tower tokens)
+        return out, probs
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    token_id = tiny.model.config.video_token_id if kind == "video" else tiny.model.config.image_token_id
+    if kind == "video":
+        eager.model.get_video_features(inputs["pixel_values_videos"])
+        frames = weights[0]
+        side = math.isqrt(frames.shape[1])
+        pooled = (
+            frames.view(-1, side // 2, 2, side // 2, 2).mean((2, 4)).reshape(inputs["pixel_values_videos"].shape[0], -1)
+        )
+        expected = [torch.cat([v, v.new_zeros(1)]) for v in pooled]
+    else:
+        extra = {k: inputs[k] for k in ("batch_num_images",) if k in inputs}
+        eager.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra)
+        views = weights[0].reshape(-1)
+        width = eager.config.text_config.hidden_size
+        markers = torch.arange(len(views), dtype=torch.float32).view(weights[0].shape)
+        monkeypatch.setattr(
+            eager.model.multi_modal_projector, "forward", lambda x: markers[..., None].expand(-1, -1, width)
+        )
+        with torch.no_grad():
+            eager.model.image_newline.fill_(-1)
+        traced = eager.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output
+        expected = [torch.where(t[:, 0] >= 0, views[t[:, 0].clamp(min=0).long()], 0.0) for t in traced]
+    for b, scores in enumerate(expected):
+        positions = (inputs["input_ids"][b] == token_id).nonzero()[:, 0]
+        torch.testing.assert_close(seen["scores"][b, positions], scores, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("tiny", ["llava", "qwen2_5_vl"], indirect=True)
 def test_tower_attention_sizes_auto_budgets(tiny, monkeypatch):
     """keep="auto" on the tower's attention: each sample keeps the fewest tokens holding `mass` of it."""

@@ -38,6 +38,7 @@ SEAMS = (
     "media features",
     "pre encoded media",
     "vision window index",
+    "onevision layout",
     "deepstack",
     "loss function",
     "mask format",
@@ -190,15 +191,18 @@ def encoded_media(inputs: dict[str, Any], kind: str) -> list[torch.Tensor] | Non
     return list(features)
 
 
-def wrap_media_features(outer: nn.Module, kind: str, observe: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
-    """Call `observe(arguments)` on every `outer.get_<kind>_features(...)` call; return the undo."""
-    name = f"get_{kind}_features"
+def wrap_media_features(
+    outer: nn.Module, kind: str, observe: Callable[[dict[str, Any]], None], needs: str | None = None
+) -> Callable[[], None]:
+    """Call `observe(arguments)` on every `outer.get_<kind>_features(...)` call, whose signature must name the
+    argument `needs` (default ``<kind>_grid_thw``); return the undo."""
+    name, needs = f"get_{kind}_features", needs or f"{kind}_grid_thw"
     stock = getattr(outer, name, None)
     if stock is None:
         raise SeamError("media features", f"{type(outer).__name__} has no {name}")
     signature = inspect.signature(stock)
-    if f"{kind}_grid_thw" not in signature.parameters:
-        raise SeamError("media features", f"{type(outer).__name__}.{name} takes no {kind}_grid_thw")
+    if needs not in signature.parameters:
+        raise SeamError("media features", f"{type(outer).__name__}.{name} takes no {needs}")
 
     @functools.wraps(stock)  # generate() reads the signature to pick the arguments it passes
     def observed(*args, **kwargs):
@@ -224,6 +228,42 @@ def given_media_features(outer: nn.Module, kind: str, features: Callable[[], tor
 
     setattr(outer, name, given)
     return lambda: delattr(outer, name)
+
+
+def onevision_image_scores(outer: nn.Module, scores: torch.Tensor, arguments: dict[str, Any]) -> list[torch.Tensor]:
+    """Per image of one LLaVA-OneVision ``get_image_features`` call (its `arguments`), the score of each of its
+    LLM tokens: `scores` (views, tower tokens), one row per base view and anyres crop in the call's order, split
+    and laid out by the model's own ``pack_image_features`` (crops unpadded and, past the ratio, resized; 0 for
+    each newline token), so the scores sit where the features do."""
+    from transformers.models.llava_onevision import modeling_llava_onevision as onevision
+
+    config = outer.config
+    sizes, counts = arguments["image_sizes"], arguments.get("batch_num_images")
+    patching = [True] * len(sizes) if counts is None else [n == 1 for n in counts.tolist() for _ in range(n)]
+    views = [
+        onevision.image_size_to_num_patches(
+            image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+        )
+        if patch
+        else 1
+        for size, patch in zip(sizes, patching, strict=True)
+    ]
+    if sum(views) != len(scores):
+        raise SeamError("onevision layout", f"{len(scores)} tower rows for image views {views}")
+    ratio = arguments.get("vision_aspect_ratio") or config.vision_aspect_ratio
+    newline = torch.zeros(1, device=scores.device)
+    packed, _ = outer.pack_image_features(
+        list(scores[..., None].split(views)), sizes, image_newline=newline, vision_aspect_ratio=ratio
+    )
+    return [p[:, 0] for p in packed]
+
+
+def onevision_video_scores(outer: nn.Module, scores: torch.Tensor, videos: int) -> list[torch.Tensor]:
+    """Per video of one LLaVA-OneVision ``get_video_features`` call, the score of each of its LLM tokens:
+    `scores` (videos * frames, tower tokens) pooled by the model's own ``apply_pooling`` (2x2), frames in order,
+    then 0 for the video's closing newline token."""
+    pooled = outer.apply_pooling(scores[..., None])[..., 0]
+    return [torch.cat([v.reshape(-1), v.new_zeros(1)]) for v in pooled.reshape(videos, -1, pooled.shape[-1])]
 
 
 def window_order(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,16 @@ class Adapter:
         """What turns vision features into LLM-width tokens (the projector or patch merger)."""
         return self.outer.multi_modal_projector
 
+    def hidden_state_block(self, layer: int) -> int:
+        """The tower block whose output is hidden state `layer` (0: the embeddings; negative: from the end)."""
+        return layer - 1 if layer > 0 else len(self.vision_blocks) + layer
+
+    def vision_feature_block(self) -> int:
+        """The block whose output the projector takes, for the LLaVA families (``vision_feature_layer``; the last
+        of a list)."""
+        layer = self.model.config.vision_feature_layer
+        return self.hidden_state_block(layer[-1] if isinstance(layer, (list, tuple)) else layer)
+
     def vision_attention(self, block: int) -> nn.Module:
         """The self-attention module of vision tower block `block`."""
         return self.vision_blocks[block].self_attn

@@ -39,20 +39,14 @@ class LlavaAdapter(Adapter):
                 f"this model takes its image features from several tower layers {list(layer)}; tokred merges in "
                 "towers that feed the projector from one"
             )
-        return self._block(layer)
+        return self.hidden_state_block(layer)
 
     @property
     def feature_skip(self) -> int:
         return int(self.model.config.vision_feature_select_strategy != "full")
 
     def encoder_attention_block(self) -> int:
-        """The block whose output the LLM's features are taken from (``vision_feature_layer``; the last of a list)."""
-        layer = self.model.config.vision_feature_layer
-        return self._block(layer[-1] if isinstance(layer, (list, tuple)) else layer)
-
-    def _block(self, layer: int) -> int:
-        """The block whose output is hidden state `layer` (0: the embeddings; negative: from the end)."""
-        return layer - 1 if layer > 0 else len(self.vision_blocks) + layer
+        return self.vision_feature_block()
 
     def encoder_token_scores(self, chunks: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """Each image's [CLS] attention row; the [CLS] entry itself goes unless the strategy feeds it to the LLM."""

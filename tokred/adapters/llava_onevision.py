@@ -1,10 +1,18 @@
 """LLaVA-OneVision: anyres images (base view, crops and newline tokens) and pooled video frames.
 
-Token counts per image depend on its size and crops, so spans are the contiguous placeholder runs.
+Token counts per image depend on its size and crops, so spans are the contiguous placeholder runs. The
+encoder signal is the attention each SigLIP token receives at the block the projector reads, laid out onto
+the LLM's tokens by the model's own packing (images) and pooling (video); newline tokens score 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tokred import compat
 from tokred.adapters.base import Adapter
 
 
@@ -12,3 +20,37 @@ class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     lmms_base = "llava_hf"
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.encoded_calls: list[tuple[str, dict[str, Any]]] = []  # (kind, arguments) per get_*_features call
+
+    def encoder_attention_block(self) -> int:
+        return self.vision_feature_block()
+
+    def encoder_token_scores(self, chunks: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """One chunk per tower call (every view or frame of a get_*_features call), in the calls' order."""
+        calls, self.encoded_calls = self.encoded_calls, []
+        if len(calls) != len(chunks):
+            raise RuntimeError(f"the tower ran {len(chunks)} times for {len(calls)} media feature calls")
+        skip = int(self.model.config.vision_feature_select_strategy == "default")
+        out: list[tuple[str, torch.Tensor]] = []
+        for (kind, arguments), scores in zip(calls, chunks, strict=True):
+            scores = scores[:, skip:]
+            if kind == "image":
+                out += [("image", s) for s in compat.onevision_image_scores(self.outer, scores, arguments)]
+            else:
+                videos = arguments["pixel_values_videos"].shape[0]
+                out += [("video", s) for s in compat.onevision_video_scores(self.outer, scores, videos)]
+        return out
+
+    def install(self) -> list[Callable[[], None]]:
+        def recorder(kind: str) -> Callable[[dict[str, Any]], None]:
+            def record(arguments: dict[str, Any]) -> None:
+                if self.keep_calls:
+                    self.encoded_calls.append((kind, arguments))
+
+            return record
+
+        needs = {"image": "image_sizes", "video": "pixel_values_videos"}
+        return [compat.wrap_media_features(self.outer, kind, recorder(kind), needs[kind]) for kind in needs]

@@ -58,7 +58,7 @@ class EncoderAttention:
         if self.block is None:
             raise ValueError(
                 f"{method_name} needs the vision tower's attention, which tokred reads for the families "
-                f"llava, qwen2_vl, qwen2_5_vl and qwen3_vl; not for {adapter.family}"
+                f"llava, llava_onevision, qwen2_vl, qwen2_5_vl and qwen3_vl; not for {adapter.family}"
             )
         self.module = adapter.vision_attention(self.block)
         self.stock_config = self.module.config
