@@ -96,7 +96,7 @@ def test_media_features(tiny):
         pytest.skip("the LLaVA adapter records no get_*_features arguments")
     name = "image_sizes" if tiny.family == "llava_onevision" else "image_grid_thw"
     seen: list = []
-    undo = compat.wrap_media_features(adapter.outer, "image", lambda arguments: seen.append(arguments), name)
+    undo = compat.wrap_media_features(adapter.outer, "image", lambda arguments: seen.append(arguments), (name,))
     try:
         inputs = tiny.image()
         tiny.model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -126,7 +126,7 @@ def test_onevision_layout(tiny):
     assert [len(s) for s in scores] == counts, "seam 'onevision layout'"
     video = tiny.video()
     frames = video["pixel_values_videos"].shape[1]
-    (pooled,) = compat.onevision_video_scores(outer, torch.ones(frames, side * side), 1)
+    (pooled,) = compat.onevision_video_scores(outer, torch.ones(frames, side * side), dict(video))
     assert len(pooled) == int((video["input_ids"] == config.video_token_id).sum()), "seam 'onevision layout'"
     assert pooled[-1] == 0 and bool((pooled[:-1] == 1).all())
 

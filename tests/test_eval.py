@@ -274,3 +274,13 @@ def test_rows_carry_agreement_kl_and_target_recall(checkpoint):
     assert 0 <= random.agreement <= 1 and random.answer_kl >= 0
     assert set(random.target_recall_by_stage) == {"input", "pre_llm"}
     assert random.target_recall == random.target_recall_by_stage["pre_llm"] < 1.0
+
+
+def test_an_answer_is_the_task_answer_the_output_starts_with():
+    """What follows an answer (junk where a cut leaves the model unsure when to stop) is not part of it."""
+    from tokred.zoo.prompts import leading_answer
+
+    assert leading_answer("circlesssright", "shapes") == "circle"
+    assert leading_answer(" bottomrightleft\n", "shapes") == "bottomright"
+    assert leading_answer("upwards", "motion") == "up" and leading_answer("up", "shapes") == "up"
+    assert leading_answer("the red one\nred", "shapes") == "the red one" and leading_answer("", "motion") == ""

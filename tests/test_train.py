@@ -252,3 +252,27 @@ def test_dropped_tokens_take_their_labels_with_them(tiny_trainee):
     assert [kept_share("align", 1.0, 0, step) for step in range(20)] == [1.0] * 20
     shares = [kept_share("joint", 0.5, 0, step) for step in range(200)]
     assert 60 <= sum(s < 1 for s in shares) <= 140 and all(0.05 <= s <= 1 for s in shares)
+
+
+def test_a_short_run_saves_a_loadable_model_and_its_card(tmp_path, capsys):
+    """Two stages of a few seconds each on a small build: the card lists both legs with their commands, and the
+    saved model loads with the rotary base it was given."""
+    import json
+
+    from transformers import AutoConfig
+
+    from tokred.zoo.train import main
+
+    out = tmp_path / "run"
+    argv = ["--family", "qwen2_5_vl", "--out", str(out), "--stages", "symbolic", "joint", "--minutes", "0.05", "0.05"]
+    argv += ["--hidden", "64", "--vision-hidden", "32", "--eval-n", "4", "--curve-n", "2", "--questions", "2"]
+    argv += ["--image-size", "224", "--drop", "0.5", "--rope-theta", "50", "--keep-symbols"]
+    with torch.enable_grad():  # the suite runs under no_grad
+        main(argv)
+    card = json.loads((out / "card.json").read_text())
+    assert [leg["stage"] for leg in card["legs"]] == ["symbolic", "joint"]
+    assert all(leg["steps"] > 0 and "--drop 0.5" in leg["command"] for leg in card["legs"])
+    assert card["rope_theta"] == 50 and card["media_seen"] == 8 * sum(leg["steps"] for leg in card["legs"])
+    assert AutoConfig.from_pretrained(out).get_text_config().rope_parameters["rope_theta"] == 50
+    assert (out / "symbols.pt").is_file() and set(card["test_accuracy"]["shapes"]) >= {"all"}
+    assert json.loads(capsys.readouterr().out)["legs"] == card["legs"]

@@ -192,25 +192,24 @@ def encoded_media(inputs: dict[str, Any], kind: str) -> list[torch.Tensor] | Non
 
 
 def wrap_media_features(
-    outer: nn.Module, kind: str, observe: Callable[[dict[str, Any]], None], needs: str | None = None
+    outer: nn.Module, kind: str, observe: Callable[[dict[str, Any]], None], needs: tuple[str, ...] | None = None
 ) -> Callable[[], None]:
-    """Call `observe(arguments)` on every `outer.get_<kind>_features(...)` call, whose signature must name the
-    argument `needs` (default ``<kind>_grid_thw``); return the undo."""
-    name, needs = f"get_{kind}_features", needs or f"{kind}_grid_thw"
+    """Call `observe(arguments)` on every `outer.get_<kind>_features(...)` call, whose signature must name one
+    of the arguments `needs` (default ``<kind>_grid_thw``); return the undo."""
+    name, needs = f"get_{kind}_features", needs or (f"{kind}_grid_thw",)
     stock = getattr(outer, name, None)
     if stock is None:
         raise SeamError("media features", f"{type(outer).__name__} has no {name}")
     signature = inspect.signature(stock)
-    if needs not in signature.parameters:
-        raise SeamError("media features", f"{type(outer).__name__}.{name} takes no {needs}")
+    if not set(needs) & set(signature.parameters):
+        raise SeamError("media features", f"{type(outer).__name__}.{name} takes none of {', '.join(needs)}")
 
     @functools.wraps(stock)  # generate() reads the signature to pick the arguments it passes
     def observed(*args, **kwargs):
         observe(signature.bind_partial(*args, **kwargs).arguments)
         return stock(*args, **kwargs)
 
-    setattr(outer, name, observed)
-    return lambda: delattr(outer, name)
+    return _replace_method(outer, name, observed)
 
 
 def given_media_features(outer: nn.Module, kind: str, features: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -226,8 +225,16 @@ def given_media_features(outer: nn.Module, kind: str, features: Callable[[], tor
     def given(*args, **kwargs):
         return BaseModelOutputWithPooling(pooler_output=[features()])
 
-    setattr(outer, name, given)
-    return lambda: delattr(outer, name)
+    return _replace_method(outer, name, given)
+
+
+def _replace_method(module: nn.Module, name: str, replacement: Callable) -> Callable[[], None]:
+    """Set `replacement` as `module`'s own `name`; the undo puts back what was there (an earlier replacement,
+    else the class's method), so replacements nest (a patched model inside the training script's symbols)."""
+    missing = object()
+    previous = vars(module).get(name, missing)
+    setattr(module, name, replacement)
+    return lambda: delattr(module, name) if previous is missing else setattr(module, name, previous)
 
 
 def onevision_image_scores(outer: nn.Module, scores: torch.Tensor, arguments: dict[str, Any]) -> list[torch.Tensor]:
@@ -258,10 +265,18 @@ def onevision_image_scores(outer: nn.Module, scores: torch.Tensor, arguments: di
     return [p[:, 0] for p in packed]
 
 
-def onevision_video_scores(outer: nn.Module, scores: torch.Tensor, videos: int) -> list[torch.Tensor]:
-    """Per video of one LLaVA-OneVision ``get_video_features`` call, the score of each of its LLM tokens:
-    `scores` (videos * frames, tower tokens) pooled by the model's own ``apply_pooling`` (2x2), frames in order,
-    then 0 for the video's closing newline token."""
+ONEVISION_VIDEO = ("pixel_values_videos", "pixel_values")
+"""The clips' argument of LLaVA-OneVision's ``get_video_features``: newest name first (``pixel_values`` to 5.23)."""
+
+
+def onevision_video_scores(outer: nn.Module, scores: torch.Tensor, arguments: dict[str, Any]) -> list[torch.Tensor]:
+    """Per video of one LLaVA-OneVision ``get_video_features`` call (its `arguments`), the score of each of its
+    LLM tokens: `scores` (videos * frames, tower tokens) pooled by the model's own ``apply_pooling`` (2x2),
+    frames in order, then 0 for the video's closing newline token."""
+    clips = next((arguments[name] for name in ONEVISION_VIDEO if name in arguments), None)
+    if clips is None:
+        raise SeamError("onevision layout", f"get_video_features was called without any of {ONEVISION_VIDEO}")
+    videos = clips.shape[0]
     pooled = outer.apply_pooling(scores[..., None])[..., 0]
     return [torch.cat([v.reshape(-1), v.new_zeros(1)]) for v in pooled.reshape(videos, -1, pooled.shape[-1])]
 

@@ -40,8 +40,7 @@ class LlavaOnevisionAdapter(Adapter):
             if kind == "image":
                 out += [("image", s) for s in compat.onevision_image_scores(self.outer, scores, arguments)]
             else:
-                videos = arguments["pixel_values_videos"].shape[0]
-                out += [("video", s) for s in compat.onevision_video_scores(self.outer, scores, videos)]
+                out += [("video", s) for s in compat.onevision_video_scores(self.outer, scores, arguments)]
         return out
 
     def install(self) -> list[Callable[[], None]]:
@@ -52,5 +51,10 @@ class LlavaOnevisionAdapter(Adapter):
 
             return record
 
-        needs = {"image": "image_sizes", "video": "pixel_values_videos"}
-        return [compat.wrap_media_features(self.outer, kind, recorder(kind), needs[kind]) for kind in needs]
+        undo = [compat.wrap_media_features(self.outer, "image", recorder("image"), ("image_sizes",))]
+        try:
+            undo.append(compat.wrap_media_features(self.outer, "video", recorder("video"), compat.ONEVISION_VIDEO))
+        except compat.SeamError:
+            undo[0]()
+            raise
+        return undo

@@ -7,7 +7,8 @@ its lossless PNG frames (a video item whose url is that list; lmms-eval's Qwen c
 qwen_vl_utils, which reads frame lists at 2 fps, as `tokred eval` gives clips). Those classes pass one
 min/max_pixels for images and videos to the processor, overriding a checkpoint's own video size limit, so a
 model whose processor shrinks frames sees them larger there (tokred's checkpoints take 224 px frames whole).
-Scoring is exact match on the stripped answer, as in `tokred eval`.
+Scoring is exact match of the answer the output starts with (`tokred.zoo.prompts.leading_answer`), as in
+`tokred eval`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 from tokred.eval.tasks import DEFAULT_QUESTIONS, data_root, ensure
 from tokred.zoo import datasets
 from tokred.zoo.datasets.common import frame_name
+from tokred.zoo.prompts import leading_answer
 
 TASKS = {"shapes": "tokred_shapes", "motion": "tokred_motion"}
 """Local task -> lmms-eval task name."""
@@ -85,4 +87,5 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    return {"exact_match": float(results[0].strip() == doc["answer"])}
+    kind = "motion" if "video" in doc else "shapes"
+    return {"exact_match": float(leading_answer(results[0], kind) == doc["answer"])}

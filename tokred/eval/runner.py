@@ -239,9 +239,10 @@ def target_counts(stats: tokred.Stats, batch: list[Question]) -> dict[str, tuple
 
 
 def _answers(model, processor, task: str, batch: list[Question], max_new_tokens: int, clock=None):
-    """Greedy answers (first line, stripped: answers are one word) and generate()'s output (with the logits)."""
+    """Greedy answers (each the first generated token: answers are one token) and generate()'s output (with the
+    logits; decoding runs on for `max_new_tokens`, which the decode timings measure)."""
     processors = LogitsProcessorList([clock] if clock else [])
-    texts, out = generate_answers(
+    return generate_answers(
         model,
         processor,
         task,
@@ -251,4 +252,3 @@ def _answers(model, processor, task: str, batch: list[Question], max_new_tokens:
         logits_processor=processors,
         output_logits=True,
     )
-    return [t.split("\n")[0].strip() for t in texts], out

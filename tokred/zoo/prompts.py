@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from tokred.zoo.datasets import ANSWERS
+
 MEDIA = {"shapes": "image", "motion": "video"}
 """The medium of each synthetic task: ShapesVQA asks about images, MotionVQA about clips."""
 FPS = 2.0
@@ -31,7 +33,8 @@ def media_inputs(processor, kind: str, texts: list[str], media: list) -> dict:
 def generate_answers(
     model, processor, kind: str, questions: list[str], media: list, max_new_tokens: int, **generate_kwargs
 ) -> tuple[list[str], object]:
-    """Greedy continuations of the questions' first-turn prompts (special tokens dropped) and generate()'s output."""
+    """Greedy answers to the questions' first-turn prompts (each `leading_answer` of its continuation) and
+    generate()'s output."""
     texts = [chat(processor, kind, question) for question in questions]
     inputs = media_inputs(processor, kind, texts, media).to(model.device)
     with torch.inference_mode():
@@ -39,4 +42,14 @@ def generate_answers(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **generate_kwargs
         )
     prompt = inputs["input_ids"].shape[1]
-    return processor.batch_decode(out.sequences[:, prompt:], skip_special_tokens=True), out
+    texts = processor.batch_decode(out.sequences[:, prompt:], skip_special_tokens=True)
+    return [leading_answer(text, kind) for text in texts], out
+
+
+def leading_answer(text: str, kind: str) -> str:
+    """The answer a model's output gives: the longest of the task's answers (`datasets.ANSWERS`) the output
+    starts with, else its first line, stripped. What follows an answer (the end of the turn, or junk where a
+    cut left the model unsure when to stop) is not part of it."""
+    text = text.strip()
+    found = [a for a in ANSWERS[kind] if text.startswith(a)]
+    return max(found, key=len) if found else text.split("\n")[0].strip()

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import tokred
 from tokred.adapters import adapter_for
@@ -229,7 +229,7 @@ def accuracy(
                 media = media[1:] + media[:1]
             answers, _ = generate_answers(model, processor, kind, [r["question"] for r, _ in records], media, 6)
         for a, (r, _) in zip(answers, records, strict=True):
-            correct.setdefault(r["type"], []).append(a.strip() == r["answer"])
+            correct.setdefault(r["type"], []).append(a == r["answer"])
     every = [c for cs in correct.values() for c in cs]
     return {"all": sum(every) / len(every), **{t: sum(cs) / len(cs) for t, cs in sorted(correct.items())}}
 
@@ -381,7 +381,11 @@ def train(args: argparse.Namespace) -> dict:
         init = args.init or build(
             args.family, scratch, seed=args.seed, vision=vision, image_size=args.image_size, **text
         )
-        model = AutoModelForImageTextToText.from_pretrained(init, attn_implementation="sdpa").to(args.device).train()
+        config = AutoConfig.from_pretrained(init)
+        if args.rope_theta is not None:  # the rotary tables are built from the config at load
+            config.get_text_config().rope_parameters["rope_theta"] = args.rope_theta
+        model = AutoModelForImageTextToText.from_pretrained(init, config=config, attn_implementation="sdpa")
+        model = model.to(args.device).train()
         processor = AutoProcessor.from_pretrained(init)
     vision_ids = list(adapter_for(model).token_ids().values())
     first = previous["media_seen"] if previous else 0
@@ -389,7 +393,6 @@ def train(args: argparse.Namespace) -> dict:
     symbols = Symbols(model.config.get_text_config().hidden_size, quadrant_seen(args.family)).to(args.device)
     if args.init and (Path(args.init) / SYMBOLS).is_file():
         symbols.load_state_dict(torch.load(Path(args.init) / SYMBOLS))
-    command = " ".join(["python -m tokred.zoo.train", *sys.argv[1:]])
     for stage, minutes, lr in zip(args.stages, args.minutes, args.lr, strict=True):
         batches = Batches(
             processor, args.task, args.batch_size, args.questions, args.seed, first, vision_ids, args.types
@@ -399,7 +402,7 @@ def train(args: argparse.Namespace) -> dict:
         )
         leg = run_stage(stage, minutes, lr, model, processor, symbols, loader, args)
         first += leg["steps"] * args.batch_size
-        legs.append(leg | {"command": command, "machine": machine(model)})
+        legs.append(leg | {"command": args.command, "machine": machine(model)})
     model.eval()
     tasks = list(dict.fromkeys(args.task))
     card = {
@@ -408,6 +411,7 @@ def train(args: argparse.Namespace) -> dict:
         "text": text,
         "vision": vision,
         "image_size": args.image_size,
+        "rope_theta": model.config.get_text_config().rope_parameters["rope_theta"],
         "seed": args.seed,
         "media_seen": first,
         "data": "train split drawn on the fly from tokred.zoo.datasets.sample(task, 'train', i, seed)",
@@ -488,8 +492,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="share of the answer-loss steps on which the LLM sees only a random share (5-100%%) of the vision "
         "tokens, so that its answers rest on the tokens of the objects asked about (0: off)",
     )
+    parser.add_argument(
+        "--rope-theta",
+        type=float,
+        help="set the LLM's rotary base before training (e.g. to continue a model on another)",
+    )
     parser.add_argument("--keep-symbols", action="store_true", help=f"also save {SYMBOLS}, to continue stages 1-2")
     args = parser.parse_args(argv)
+    args.command = " ".join(["python -m tokred.zoo.train", *(sys.argv[1:] if argv is None else argv)])
     args.task = args.task or ["shapes"]
     if args.family == "qwen3_vl" and "symbolic" in args.stages:
         parser.error(
