@@ -1,12 +1,21 @@
 """Loading checkpoints by name or path, the errors for unknown names and broken directories, and what the shipped
-checkpoints must show: their cards reproduce and they need the image."""
+checkpoints must show: their cards reproduce, they need the image, and the tokens of the objects a question
+names carry its answer."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
+import torch
 
+import tokred
+from tokred.adapters import adapter_for
+from tokred.methods.base import TokenReducer
+from tokred.methods.random import Random
+from tokred.tokens import VisionTokens
 from tokred.zoo import available, build, datasets, load
 
 
@@ -79,3 +88,62 @@ def test_answering_needs_the_image(name):
     for task in stated["tasks"]:
         shuffled = accuracy(model, processor, task, stated["eval_questions"], stated["seed"], shuffle=True)["all"]
         assert shuffled <= prior(task, stated["eval_questions"]) + 0.05, (task, shuffled)
+
+
+@dataclass(frozen=True)
+class Kept(TokenReducer):
+    """Keeps the span's tokens at fixed `indices` (ground truth handed in by the test; not a real method)."""
+
+    indices: tuple[int, ...] = (0,)
+    stage: ClassVar[str] = "pre_llm"
+    name: ClassVar[str] = "kept"
+
+    def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.tensor(self.indices)
+
+
+NAMED_ONLY_FAILS = {
+    "shapes-qwen2_5_vl": "its rotary-only tower cannot see where a patch sits, so its LLM reads quadrants from M-RoPE "
+    "through how its attention weighs the object against the rest; with the object's tokens alone that contrast "
+    "is gone (quadrant answers keep 12 %; colour, shape and exists 89-100 %)",
+}
+"""Shipped checkpoints known not to have the named-objects property, and why (the test fails loudly if they gain it)."""
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NAMED_ONLY_FAILS[n]))
+        if n in NAMED_ONLY_FAILS
+        else n
+        for n in available()
+    ],
+)
+def test_the_named_objects_tokens_carry_the_answer(name):
+    """Keeping only the tokens that cover the objects a question names keeps at least 80 % of stock's answers,
+    and as many random tokens keep 30 points fewer (the first 100 questions about some object)."""
+    from tokred.zoo import card
+    from tokred.zoo.datasets.cells import target_tokens
+    from tokred.zoo.prompts import generate_answers
+    from tokred.zoo.train import token_grid
+
+    model, processor = load(name)
+    stated = card(name)
+    agree = {"targets": [], "random": []}
+    for task in stated["tasks"]:
+        records = [datasets.sample(task, "test", i, stated["seed"]) for i in range(150)]
+        for i, (record, media) in enumerate([(r, m) for r, m in records if r["targets"]][:100]):
+            stock = generate_answers(model, processor, task, [record["question"]], [media], 6)
+            vision = adapter_for(model).token_ids().values()
+            n = int(sum((stock[1].sequences[0] == v).sum() for v in vision))
+            size = media[0].width if isinstance(media, list) else media.width
+            cells = target_tokens(record, token_grid(n, media), size).nonzero()[0]
+            for setting, method in (
+                ("targets", Kept(keep_tokens=len(cells), indices=tuple(cells.tolist()))),
+                ("random", Random(keep_tokens=len(cells), seed=i)),
+            ):
+                with tokred.patched(model, method):
+                    answer = generate_answers(model, processor, task, [record["question"]], [media], 6)[0]
+                agree[setting].append(answer == stock[0])
+    targets, random = (sum(v) / len(v) for v in agree.values())
+    assert targets >= 0.8 and random <= targets - 0.3, (targets, random)

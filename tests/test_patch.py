@@ -437,14 +437,17 @@ def test_random_draws_differ_between_samples_and_seeds(tiny):
 def test_generate_without_cache_selects_once_per_prompt(tiny, preset):
     """use_cache=False recomputes the whole sequence each step; the prompt's selection is kept, so the tokens
     equal those of use_cache=True."""
+    from tokred.adapters import adapter_for
+
     inputs = tiny.batch()
     steps = 8
+    # random weights may emit a placeholder token, which a whole-sequence recompute would read as a new image
+    greedy = {"max_new_tokens": steps, "min_new_tokens": steps, "do_sample": False}
+    greedy["suppress_tokens"] = list(adapter_for(tiny.model).token_ids().values())
     with tokred.patched(tiny.model, preset):
-        cached = tiny.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        cached = tiny.model.generate(**inputs, **greedy)
         kept = tokred.stats(tiny.model).kept_positions
-        uncached = tiny.model.generate(
-            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=False
-        )
+        uncached = tiny.model.generate(**inputs, **greedy, use_cache=False)
         assert tokred.stats(tiny.model).kept_positions.keys() == kept.keys()
         for stage, positions in kept.items():
             assert [p.tolist() for p in tokred.stats(tiny.model).kept_positions[stage]] == [

@@ -28,8 +28,8 @@ from tokred.zoo.train import (
     Batches,
     answer_queries,
     batch_inputs,
-    dropped_loss,
     kept_share,
+    stage_loss,
     token_grid,
     trainable,
     turns_for,
@@ -243,12 +243,14 @@ def test_dropped_tokens_take_their_labels_with_them(tiny_trainee):
     """With every token kept by the cut, the loss is the model's own; with half, the LLM sees half of each
     image's tokens and the loss still covers every answer."""
     model, _, batch = tiny_trainee
+    symbols = Symbols(model.config.get_text_config().hidden_size)
     torch.manual_seed(0)
-    with torch.no_grad():
-        full = model(**batch.inputs).loss
-        torch.testing.assert_close(dropped_loss(model, batch, 0.999), full)
-        half = dropped_loss(model, batch, 0.5)
+    full = model(**batch.inputs).loss
+    torch.testing.assert_close(stage_loss("joint", model, symbols, batch, 0.0, 0.999), full)
+    half = stage_loss("joint", model, symbols, batch, 0.0, 0.5)
     assert torch.isfinite(half) and not torch.isclose(half, full)
+    with pytest.raises(ValueError, match="cannot run with dropped tokens"):
+        stage_loss("joint", model, symbols, batch, 1.0, 0.5)
     assert [kept_share("align", 1.0, 0, step) for step in range(20)] == [1.0] * 20
     shares = [kept_share("joint", 0.5, 0, step) for step in range(200)]
     assert 60 <= sum(s < 1 for s in shares) <= 140 and all(0.05 <= s <= 1 for s in shares)

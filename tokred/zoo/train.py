@@ -264,30 +264,14 @@ def stage_loss(
         if stage == "symbolic":
             rows = symbols.batch(batch.records, batch.grids, batch.size)
             stack.enter_context(symbolic_inputs(adapter, lambda: rows))
+        if keep < 1:  # tokred cuts the labels with the tokens
+            stack.enter_context(tokred.patched(model, Random(keep=keep, seed=batch.step)))
         records = stack.enter_context(recorded_attention(adapter, layers))
-        loss = model(**batch.inputs).loss if keep >= 1 else dropped_loss(model, batch, keep)
+        loss = model(**batch.inputs).loss
     if layers:
         queries = answer_queries(adapter, batch)
         loss = loss + attention_weight * attention_loss(records, queries, batch.inputs.get("attention_mask"))
     return loss
-
-
-def dropped_loss(model: nn.Module, batch: Batch, keep: float) -> torch.Tensor:
-    """The answer loss with only a random share `keep` of each medium's vision tokens reaching the LLM: the
-    labels follow the positions that survive the cut (every medium of a batch has as many tokens, so every
-    sample keeps as many and the batch stays rectangular)."""
-    inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
-    with tokred.patched(model, Random(keep=keep, seed=batch.step)):
-        logits = model(**inputs).logits
-        kept = tokred.stats(model).kept_positions["pre_llm"]
-    labels = batch.inputs["labels"]
-    survive = ~vision_mask(adapter_for(model), batch.inputs["input_ids"])
-    for b, positions in enumerate(kept):
-        survive[b, positions.to(survive.device)] = True
-    labels = torch.stack([labels[b][survive[b]] for b in range(len(labels))])
-    if labels.shape[1] != logits.shape[1]:
-        raise RuntimeError(f"the cut left {logits.shape[1]} positions but {labels.shape[1]} labels")
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def answer_queries(adapter, batch: Batch) -> list[tuple[int, int, torch.Tensor]]:
