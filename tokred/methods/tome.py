@@ -78,8 +78,9 @@ class ToMe(EncoderMerger):
     Qwen towers merge right after the 2x2 patch merger, by the merged tokens' own features: inside the tower
     the merger needs each 2x2 group whole and window attention each window whole, so merging there would either
     break them or be so constrained as to merge little; after it, the tokens are exactly what the LLM pays for.
-    LLaVA-OneVision (anyres crops, whose tower tokens tokred does not map to LLM positions) merges at the same
-    point."""
+    LLaVA-OneVision merges at the same point (after the projector): its LLM tokens are not its SigLIP tokens one
+    to one (anyres packing unpads the crops and resizes them past a ratio, video pooling averages 2x2 tokens),
+    so groups formed inside the tower could not be carried onto the LLM's tokens exactly."""
 
     def reduce(
         self, x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, k: int, protect_first: bool
