@@ -605,17 +605,15 @@ def test_visionzip_ranks_by_the_cls_attention_eager_attention_reports(tiny):
         assert kept[b].tolist() == positions[merge.index].tolist(), b
 
 
-@pytest.mark.parametrize("tiny", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], indirect=True)
-def test_qwen_tower_scores_are_the_eager_attention_each_token_receives(tiny, monkeypatch):
-    """The encoder signal on Qwen towers by hand: transformers' own eager attention of the signal block (each
-    chunk: a window or the whole image), averaged over heads and queries per patch, then over each 2x2 merger
-    group, and put back in raster order where the tower works in windows."""
+def _tower_signal(tiny, inputs: dict, monkeypatch) -> tuple[torch.Tensor, object, list[torch.Tensor]]:
+    """The encoder signal VisPruner's prefill got for `inputs`, and an eager copy of the model whose signal block
+    appends each call's attention, head and query mean ((sequences, tokens)), to the returned list."""
     import sys
 
     import tokred.stages.pre_llm as pre_llm
     from tokred.adapters import adapter_for
 
-    inputs, seen, stock = tiny.batch(), {}, pre_llm.choose
+    seen, stock = {}, pre_llm.choose
 
     def spy(*args, **kwargs):
         seen["scores"] = kwargs["encoder_scores"]
@@ -633,12 +631,25 @@ def test_qwen_tower_scores_are_the_eager_attention_each_token_receives(tiny, mon
     def recording(attention, *args, **kwargs):
         out, probs = kernel(attention, *args, **kwargs)
         if attention is block:
-            weights.append(probs.float().mean((1, 2))[0])  # (chunk,): head and query mean
+            weights.append(probs.float().mean((1, 2)))
         return out, probs
 
     monkeypatch.setattr(module, "eager_attention_forward", recording)
+    return seen["scores"], eager, weights
+
+
+@pytest.mark.parametrize("tiny", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], indirect=True)
+def test_qwen_tower_scores_are_the_eager_attention_each_token_receives(tiny, monkeypatch):
+    """The encoder signal on Qwen towers by hand: transformers' own eager attention of the signal block (each
+    chunk: a window or the whole image), averaged over heads and queries per patch, then over each 2x2 merger
+    group, and put back in raster order where the tower works in windows."""
+    from tokred.adapters import adapter_for
+
+    inputs = tiny.batch()
+    scores, eager, weights = _tower_signal(tiny, inputs, monkeypatch)
+    adapter = adapter_for(eager)
     eager.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    patches = torch.cat(weights)
+    patches = torch.cat([w.reshape(-1) for w in weights])
     unit = eager.config.vision_config.spatial_merge_size**2
     groups, at = patches.view(-1, unit).mean(-1), 0
     image_id = tiny.model.config.image_token_id
@@ -649,7 +660,7 @@ def test_qwen_tower_scores_are_the_eager_attention_each_token_receives(tiny, mon
             mine = mine[torch.argsort(compat.window_order(adapter.vision_tower, grid[None]))]
         at += count
         positions = (inputs["input_ids"][b] == image_id).nonzero()[:, 0]
-        torch.testing.assert_close(seen["scores"][b, positions], mine, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(scores[b, positions], mine, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("tiny", ["llava_onevision"], indirect=True)
@@ -659,33 +670,8 @@ def test_onevision_tower_scores_are_the_eager_attention_each_token_receives(tiny
     and query mean per tower token, then carried to the LLM tokens the way the features are: for images each
     LLM token takes the score of the tower token whose features it holds (traced by feeding the projector the
     tower tokens' indices; newline tokens score 0), for video each is the mean of its 2x2 pooled tokens."""
-    import sys
-
-    import tokred.stages.pre_llm as pre_llm
-    from tokred.adapters import adapter_for
-
-    inputs, seen, stock = tiny.inputs(kind), {}, pre_llm.choose
-
-    def spy(*args, **kwargs):
-        seen["scores"] = kwargs["encoder_scores"]
-        return stock(*args, **kwargs)
-
-    monkeypatch.setattr(pre_llm, "choose", spy)
-    with tokred.patched(tiny.model, tokred.VisPruner(keep=0.5)):
-        tiny.model(**inputs)
-    eager = tiny.load(attn_implementation="eager")
-    adapter = adapter_for(eager)
-    block = adapter.vision_attention(adapter.encoder_attention_block())
-    module = sys.modules[type(block).__module__]
-    weights, kernel = [], module.eager_attention_forward
-
-    def recording(attention, *args, **kwargs):
-        out, probs = kernel(attention, *args, **kwargs)
-        if attention is block:
-            weights.append(probs.float().mean((1, 2)))  # (views or frames, tower tokens)
-        return out, probs
-
-    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    inputs = tiny.inputs(kind)
+    scores, eager, weights = _tower_signal(tiny, inputs, monkeypatch)
     token_id = tiny.model.config.video_token_id if kind == "video" else tiny.model.config.image_token_id
     if kind == "video":
         eager.model.get_video_features(inputs["pixel_values_videos"])
@@ -708,9 +694,9 @@ def test_onevision_tower_scores_are_the_eager_attention_each_token_receives(tiny
             eager.model.image_newline.fill_(-1)
         traced = eager.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output
         expected = [torch.where(t[:, 0] >= 0, views[t[:, 0].clamp(min=0).long()], 0.0) for t in traced]
-    for b, scores in enumerate(expected):
+    for b, expected_scores in enumerate(expected):
         positions = (inputs["input_ids"][b] == token_id).nonzero()[:, 0]
-        torch.testing.assert_close(seen["scores"][b, positions], scores, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(scores[b, positions], expected_scores, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("tiny", ["llava", "qwen2_5_vl"], indirect=True)
