@@ -7,7 +7,8 @@ the same questions: accuracy, agreement with stock, answer KL and target recall.
 batch of the task's first questions through every setting, interleaved (warm-up, median of ``--repeats`` rounds):
 the vision encoder and the LLM prefill (tokred's own cut and signals included), as ratios over stock. Results go
 to ``<out>/quality.json``, ``quality.md``, ``summary.md`` (one compact table: accuracy per method and keep on
-every checkpoint, time ratios at the middle keep) and one plot per checkpoint, ``quality-<name>.png`` (the eval
+every checkpoint, time ratios at the middle keep), ``retention.md`` (random and fastv with accuracy, agreement,
+answer KL and target recall) and one plot per checkpoint, ``quality-<name>.png`` (the eval
 report's panels).
 
     python benchmarks/quality.py                        # all shipped checkpoints, 200 questions, keep 0.5 0.25 0.1
@@ -109,6 +110,30 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+RETAINED = ("random", "fastv")
+"""The methods of the retention table: the content-blind baseline and the first attention-guided one."""
+
+
+def retention(report: dict) -> str:
+    """Per checkpoint, `RETAINED` method and keep: accuracy (%), agreement with stock, answer KL (nats) and
+    target recall, the measures that separate methods where accuracy moves little."""
+    lines = [
+        "| checkpoint | method | keep | accuracy | agreement | answer KL | target recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in report["checkpoints"].items():
+        for row in sorted(rows, key=lambda r: (r["method"] != "stock", r["method"], -(r["keep"] or 1))):
+            if row["method"] != "stock" and row["method"] not in RETAINED:
+                continue
+            measures = [row[k] for k in ("agreement", "answer_kl", "target_recall")]
+            cells = ["–" if v is None else f"{v:.3f}" for v in measures]
+            keep = "–" if row["method"] == "stock" else f"{row['keep']}"
+            lines.append(
+                f"| {name} | {row['method']} | {keep} | {100 * row['accuracy']:.1f} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", default=available(), help="shipped names or directories")
@@ -134,9 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "quality.md").write_text("\n\n".join(sections) + "\n")
     (args.out / "summary.md").write_text(summary(report) + "\n")
-    print("\n\n".join(sections) + "\n\n" + summary(report))
+    (args.out / "retention.md").write_text(retention(report) + "\n")
+    print("\n\n".join(sections) + "\n\n" + summary(report) + "\n\n" + retention(report))
     print(
-        f"wrote {args.out}/quality.json, quality.md, summary.md, quality-<checkpoint>.png ({report['runtime_s']:.0f} s)"
+        f"wrote {args.out}/quality.json, quality.md, summary.md, retention.md, quality-<checkpoint>.png "
+        f"({report['runtime_s']:.0f} s)"
     )
     return report
 
