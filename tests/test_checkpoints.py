@@ -105,7 +105,7 @@ class Kept(TokenReducer):
 NAMED_ONLY_FAILS = {
     "shapes-qwen2_5_vl": "its rotary-only tower cannot see where a patch sits, so its LLM reads quadrants from M-RoPE "
     "through how its attention weighs the object against the rest; with the object's tokens alone that contrast "
-    "is gone (quadrant answers keep 12 %; colour, shape and exists 89-100 %)",
+    "is gone (quadrant answers keep 16 %; colour and shape 100 %)",
 }
 """Shipped checkpoints known not to have the named-objects property, and why (the test fails loudly if they gain it)."""
 
