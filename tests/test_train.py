@@ -278,3 +278,11 @@ def test_a_short_run_saves_a_loadable_model_and_its_card(tmp_path, capsys):
     assert AutoConfig.from_pretrained(out).get_text_config().rope_parameters["rope_theta"] == 50
     assert (out / "symbols.pt").is_file() and set(card["test_accuracy"]["shapes"]) >= {"all"}
     assert json.loads(capsys.readouterr().out)["legs"] == card["legs"]
+
+
+def test_a_drop_share_outside_0_1_is_refused(tmp_path, capsys):
+    from tokred.zoo.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--drop", "1.5"])
+    assert "--drop is a share of the steps, between 0 and 1; got 1.5" in capsys.readouterr().err

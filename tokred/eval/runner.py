@@ -239,8 +239,8 @@ def target_counts(stats: tokred.Stats, batch: list[Question]) -> dict[str, tuple
 
 
 def _answers(model, processor, task: str, batch: list[Question], max_new_tokens: int, clock=None):
-    """Greedy answers (each the first generated token: answers are one token) and generate()'s output (with the
-    logits; decoding runs on for `max_new_tokens`, which the decode timings measure)."""
+    """Greedy answers (each the task answer its output starts with, `leading_answer`) and generate()'s output
+    (with the logits; decoding runs on for `max_new_tokens`, which the decode timings measure)."""
     processors = LogitsProcessorList([clock] if clock else [])
     return generate_answers(
         model,

@@ -40,8 +40,9 @@ class Symbols(nn.Module):
     The symbols hold what the tower can see in a cell. A tower with absolute position embeddings (CLIP,
     SigLIP, Qwen3-VL) can tell where a patch sits; Qwen2-VL's and Qwen2.5-VL's towers are rotary only, so
     their features cannot say where a patch is (at 224 px Qwen2.5-VL's four windows are the four quadrants,
-    each computed alike); their LLM must read the quadrant from its M-RoPE positions, and learns to in the
-    symbolic stage when the symbols leave it out (`quadrant_seen`)."""
+    each computed alike); their LLM must read the quadrant from its M-RoPE positions, which it learns in the
+    symbolic stage when the symbols leave it out (`quadrant_seen`): the shipped Qwen2.5-VL learned top/bottom,
+    not yet left/right (see `tokred.zoo.families.base.mrope`)."""
 
     def __init__(self, width: int, quadrant: bool = True) -> None:
         super().__init__()

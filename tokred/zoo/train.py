@@ -485,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.command = " ".join(["python -m tokred.zoo.train", *(sys.argv[1:] if argv is None else argv)])
     args.task = args.task or ["shapes"]
+    if not 0.0 <= args.drop <= 1.0:
+        parser.error(f"--drop is a share of the steps, between 0 and 1; got {args.drop}")
     if args.family == "qwen3_vl" and "symbolic" in args.stages:
         parser.error(
             "the symbolic stage hands the model its vision features, which Qwen3-VL (deepstack) cannot "

@@ -184,8 +184,9 @@ def mrope(text: dict[str, Any], *, hw_share: float, interleaved: bool) -> dict[s
 
     Sections in a row (Qwen2/2.5-VL) give w the lowest frequencies: at the real base 1e6 and 16 frequency pairs
     they turn under 0.002 rad across an 8-token row, and a shipped model trained so read top/bottom from M-RoPE
-    (93 % right) but not left/right (61 %); those builds take base 100 (w turns 0.1-0.45 rad across the row).
-    Interleaved sections (Qwen3-VL) keep 1e6."""
+    (93 % right) but not left/right (61 %), nor after 30 more minutes at base 100 (52 %); new builds take base
+    100 (w turns 0.1-0.45 rad across the row) so that a model trained from scratch can. Interleaved sections
+    (Qwen3-VL) keep 1e6."""
     half = head_dim(text) // 2
     hw = int(half * hw_share)
     rope = {
