@@ -130,11 +130,11 @@ def test_the_named_objects_tokens_carry_the_answer(name):
     model, processor = load(name)
     stated = card(name)
     agree = {"targets": [], "random": []}
+    vision = adapter_for(model).token_ids().values()
     for task in stated["tasks"]:
         records = [datasets.sample(task, "test", i, stated["seed"]) for i in range(150)]
         for i, (record, media) in enumerate([(r, m) for r, m in records if r["targets"]][:100]):
             stock = generate_answers(model, processor, task, [record["question"]], [media], 6)
-            vision = adapter_for(model).token_ids().values()
             n = int(sum((stock[1].sequences[0] == v).sum() for v in vision))
             size = media[0].width if isinstance(media, list) else media.width
             cells = target_tokens(record, token_grid(n, media), size).nonzero()[0]
