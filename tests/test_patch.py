@@ -229,6 +229,31 @@ def test_sparsevlm_keeps_what_the_raters_attention_ranks_highest(tiny):
         assert kept[b].tolist() == expected.tolist(), b
 
 
+def _tome_by_hand(blocks, hidden: torch.Tensor, last: int, k: int, skip: int):
+    """ToMe between the stock blocks of a CLIP/SigLIP tower up to block `last`: after each block before it,
+    merge by that block's keys (k_proj of its normed input, head mean) down by an even share of what must go
+    to `k` (+ `skip` leading [CLS] tokens, kept out of merges) over the merge points left, the later blocks
+    given log(size) as attention bias. Returns the last block's output and keys, sizes, each input token's
+    slot, each slot's input token, and the length each block ran on."""
+    from tokred.methods.tome import merge_down
+
+    sizes = torch.ones(hidden.shape[:2])
+    into = origin = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
+    lengths, bias = [], None
+    for j, block in enumerate(blocks[: last + 1]):
+        keys = block.self_attn.k_proj(block.layer_norm1(hidden))
+        keys = keys.view(*hidden.shape[:2], -1, block.self_attn.head_dim).mean(2)
+        lengths.append(hidden.shape[1])
+        hidden = block(hidden, bias)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        if j < last:
+            target = hidden.shape[1] - (hidden.shape[1] - (k + skip)) // (last - j + 1)
+            hidden, sizes, step, survivors = merge_down(hidden, keys, sizes, target, protect_first=bool(skip))
+            into, origin = step.gather(1, into), origin.gather(1, survivors)
+            bias = sizes.log()[:, None, None, :]
+    return hidden, keys, sizes, into, origin, lengths
+
+
 def test_tome_merges_inside_the_tower_as_written_out():
     """ToMe in LLaVA's CLIP tower (the shipped checkpoint: four blocks, features from the third, so two merge
     points inside), by hand on the stock modules: after each block up to the one the projector reads, merge by
@@ -264,25 +289,12 @@ def test_tome_merges_inside_the_tower_as_written_out():
         for hook in hooks:
             hook.remove()
 
-    tower, blocks, last = adapter.vision_tower, adapter.vision_blocks, adapter.feature_block()
+    tower, last = adapter.vision_tower, adapter.feature_block()
     stem = getattr(tower, "vision_model", tower)  # transformers before 5.24 nests the ViT one level down
     hidden = stem.pre_layrnorm(stem.embeddings(inputs["pixel_values"]))
     n = hidden.shape[1] - 1  # the LLM's tokens per image: [CLS] is dropped
     k = method.budget(n)
-    sizes = torch.ones(hidden.shape[:2])
-    into = origin = torch.arange(n + 1).expand(hidden.shape[0], -1)
-    expected_lengths, bias = [], None
-    for j, block in enumerate(blocks[: last + 1]):
-        keys = block.self_attn.k_proj(block.layer_norm1(hidden))
-        keys = keys.view(*hidden.shape[:2], -1, block.self_attn.head_dim).mean(2)
-        expected_lengths.append(hidden.shape[1])
-        hidden = block(hidden, bias)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        if j < last:  # merge before the next block: an even share of what must go over the points left
-            target = hidden.shape[1] - (hidden.shape[1] - (k + 1)) // (last - j + 1)
-            hidden, sizes, step, survivors = merge_down(hidden, keys, sizes, target, protect_first=True)
-            into, origin = step.gather(1, into), origin.gather(1, survivors)
-            bias = sizes.log()[:, None, None, :]
+    hidden, keys, sizes, into, origin, expected_lengths = _tome_by_hand(adapter.vision_blocks, hidden, last, k, 1)
     merged, _, step, survivors = merge_down(hidden[:, 1:], keys[:, 1:], sizes[:, 1:], k)
     groups, kept = step.gather(1, into[:, 1:] - 1), (origin[:, 1:] - 1).gather(1, survivors)
     features = model.model.multi_modal_projector(merged)  # one row per group
@@ -295,6 +307,51 @@ def test_tome_merges_inside_the_tower_as_written_out():
         assert [g.tolist() for g in stats.merged_groups["encoder"][b]] == [m for m in members if len(m) > 1]
         # the model's own scatter put each group's row at every member's place (tokred then keeps one)
         torch.testing.assert_close(seen["embeds"][b, positions], features[b, groups[b]], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiny", ["llava_onevision"], indirect=True)
+def test_tome_merges_inside_onevision_siglip_and_restores_its_rows(tiny):
+    """LLaVA-OneVision's SigLIP merges between blocks as CLIP does (its blocks after the first run on fewer
+    tokens), then every token gets its group's row back at the projector's input, so the model's own packing
+    runs on the whole grid; the LLM's tokens are then merged to the budget of each image."""
+    from tokred.adapters import adapter_for
+    from tokred.methods.tome import merge_down
+
+    inputs, method, adapter = tiny.batch(), tokred.ToMe(keep=0.25), adapter_for(tiny.model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def tower_input(module, args, kwargs):
+        seen.setdefault("hidden", kwargs.get("hidden_states", args[0] if args else None))
+
+    def projector_input(module, args, out):  # after tokred's pre-hook: what the projector ran on
+        seen["features"] = args[0]
+
+    def computed(module, args, out):  # the length a block ran on
+        ran.append((out[0] if isinstance(out, tuple) else out).shape[1])
+
+    ran: list[int] = []
+    hooks = [adapter.vision_blocks[0].register_forward_pre_hook(tower_input, with_kwargs=True)]
+    hooks.append(adapter.projector.register_forward_hook(projector_input))
+    hooks += [block.register_forward_hook(computed) for block in adapter.vision_blocks]
+    try:
+        with tokred.patched(tiny.model, method):
+            tiny.model(**inputs)
+            kept = tokred.stats(tiny.model).kept_positions["encoder"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    n, k = seen["hidden"].shape[1], method.budget(seen["hidden"].shape[1])
+    hidden, keys, sizes, into, _, lengths = _tome_by_hand(
+        adapter.vision_blocks, seen["hidden"], adapter.feature_block(), k, 0
+    )
+    assert ran == lengths == [n, n - (n - k) // 2]
+    merged, _, step, _ = merge_down(hidden, keys, sizes, k)
+    rows = merged.gather(1, step.gather(1, into)[..., None].expand(-1, -1, merged.shape[-1]))
+    torch.testing.assert_close(seen["features"], rows, rtol=1e-4, atol=1e-5)
+    image = tiny.model.config.image_token_id
+    placeholders = (inputs["input_ids"] == image).sum(1).tolist()
+    assert [len(k) for k in kept] == [method.budget(p) for p in placeholders]
 
 
 def _stock_positions(model, inputs) -> torch.Tensor:

@@ -80,15 +80,29 @@ class Adapter:
     is the mean attention it receives)."""
 
     merges_in_tower: ClassVar[bool] = False
-    """Whether the encoder stage merges between tower blocks (a plain ViT whose tokens map one to one onto the
-    LLM's, after `feature_skip` leading ones); else it merges the tower's output tokens."""
+    """Whether the encoder stage merges between tower blocks (a plain ViT feeding the projector from one block,
+    after `feature_skip` leading tokens); else it merges the tower's output tokens."""
+
+    tower_tokens_are_llm_tokens: ClassVar[bool] = True
+    """With `merges_in_tower`: whether the tower's tokens map one to one onto the LLM's (LLaVA), so the tower's
+    groups are the LLM's; else (LLaVA-OneVision's packing and pooling) the tower's merges only save tower time,
+    every token gets its group's row back at the projector's input, and the LLM's tokens merge after it."""
 
     def feature_block(self) -> int:
-        """The tower block whose output the projector takes (with `merges_in_tower`)."""
-        raise NotImplementedError
+        """The tower block whose output the projector takes, for the LLaVA families (``vision_feature_layer``);
+        refused where features come from several blocks."""
+        layer = self.model.config.vision_feature_layer
+        if isinstance(layer, (list, tuple)):
+            raise ValueError(
+                f"this model takes its image features from several tower layers {list(layer)}; tokred merges in "
+                "towers that feed the projector from one"
+            )
+        return self.hidden_state_block(layer)
 
-    feature_skip: int = 0
-    """How many leading tower tokens ([CLS]) the projector does not get."""
+    @property
+    def feature_skip(self) -> int:
+        """How many leading tower tokens ([CLS]) the projector does not get, for the LLaVA families."""
+        return int(self.model.config.vision_feature_select_strategy == "default")
 
     def encoder_attention_block(self) -> int | None:
         """The tower block whose attention is read as the encoder signal; None where tokred cannot map the tower's

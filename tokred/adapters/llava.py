@@ -22,7 +22,7 @@ class LlavaAdapter(Adapter):
 
     def token_counts(self, kind: str, inputs: dict[str, Any]) -> list[int] | None:
         pixels = inputs.get("pixel_values")
-        count = self.side**2 + (self.model.config.vision_feature_select_strategy == "full")
+        count = self.side**2 + 1 - self.feature_skip  # with the [CLS] unless it is skipped
         return [count] * (0 if pixels is None else pixels.shape[0])
 
     def grids(self, kind: str, inputs: dict[str, Any], counts: list[int]) -> list[tuple[int, int, int] | None]:
@@ -31,25 +31,9 @@ class LlavaAdapter(Adapter):
     encoder_cls = True
     merges_in_tower = True
 
-    def feature_block(self) -> int:
-        """The block whose output the LLM's features are taken from (``vision_feature_layer``)."""
-        layer = self.model.config.vision_feature_layer
-        if isinstance(layer, (list, tuple)):
-            raise ValueError(
-                f"this model takes its image features from several tower layers {list(layer)}; tokred merges in "
-                "towers that feed the projector from one"
-            )
-        return self.hidden_state_block(layer)
-
-    @property
-    def feature_skip(self) -> int:
-        return int(self.model.config.vision_feature_select_strategy != "full")
-
     def encoder_attention_block(self) -> int:
         return self.vision_feature_block()
 
     def encoder_token_scores(self, chunks: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """Each image's [CLS] attention row; the [CLS] entry itself goes unless the strategy feeds it to the LLM."""
-        rows = torch.cat(chunks)
-        skip = self.model.config.vision_feature_select_strategy != "full"
-        return [("image", row) for row in rows[:, int(skip) :]]
+        return [("image", row) for row in torch.cat(chunks)[:, self.feature_skip :]]

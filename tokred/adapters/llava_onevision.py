@@ -25,6 +25,9 @@ class LlavaOnevisionAdapter(Adapter):
         super().__init__(model)
         self.encoded_calls: list[tuple[str, dict[str, Any]]] = []  # (kind, arguments) per get_*_features call
 
+    merges_in_tower = True
+    tower_tokens_are_llm_tokens = False
+
     def encoder_attention_block(self) -> int:
         return self.vision_feature_block()
 
@@ -33,10 +36,9 @@ class LlavaOnevisionAdapter(Adapter):
         calls, self.encoded_calls = self.encoded_calls, []
         if len(calls) != len(chunks):
             raise RuntimeError(f"the tower ran {len(chunks)} times for {len(calls)} media feature calls")
-        skip = int(self.model.config.vision_feature_select_strategy == "default")
         out: list[tuple[str, torch.Tensor]] = []
         for (kind, arguments), scores in zip(calls, chunks, strict=True):
-            scores = scores[:, skip:]
+            scores = scores[:, self.feature_skip :]
             if kind == "image":
                 out += [("image", s) for s in compat.onevision_image_scores(self.outer, scores, arguments)]
             else:

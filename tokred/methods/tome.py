@@ -68,19 +68,22 @@ def merge_down(
 @register("tome", stage="encoder")
 @dataclass(frozen=True)
 class ToMe(EncoderMerger):
-    """In CLIP-like towers (LLaVA) it merges between blocks: after each block up to the one the LLM's features
-    come from, by that block's keys (head mean), with proportional attention (log size added to each key's
-    logits) in the blocks after; the rest of the budget is merged at the tower's output. The LLM gets one token
-    per group, at the position of the group's surviving token. Deliberate differences from the official code:
-    merges sit between blocks, not between a block's attention and its MLP (so no block is modified), and the
-    merge count per block follows the budget (an even share of what must go) rather than a fixed r.
+    """In CLIP and SigLIP towers (LLaVA, LLaVA-OneVision) it merges between blocks: after each block up to the
+    one the LLM's features come from, by that block's keys (head mean), with proportional attention (log size
+    added to each key's logits) in the blocks after; the rest of the budget is merged at the tower's output.
+    In LLaVA the LLM gets one token per group, at the position of the group's surviving token. Deliberate
+    differences from the official code: merges sit between blocks, not between a block's attention and its MLP
+    (so no block is modified), and the merge count per block follows the budget (an even share of what must
+    go) rather than a fixed r.
 
     Qwen towers merge right after the 2x2 patch merger, by the merged tokens' own features: inside the tower
     the merger needs each 2x2 group whole and window attention each window whole, so merging there would either
     break them or be so constrained as to merge little; after it, the tokens are exactly what the LLM pays for.
-    LLaVA-OneVision merges at the same point (after the projector): its LLM tokens are not its SigLIP tokens one
-    to one (anyres packing unpads the crops and resizes them past a ratio, video pooling averages 2x2 tokens),
-    so groups formed inside the tower could not be carried onto the LLM's tokens exactly."""
+    LLaVA-OneVision's SigLIP merges between blocks as CLIP does (its later blocks run on fewer tokens), but its
+    LLM tokens are not its SigLIP tokens one to one (anyres packing unpads the crops and resizes them past a
+    ratio, video pooling averages 2x2 tokens), so the tower's groups cannot be carried onto them exactly: every
+    token gets its group's row back at the projector's input and the LLM's tokens merge after the packing, by
+    their own features (the rows of one tower group are equal, so they merge first)."""
 
     def reduce(
         self, x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, k: int, protect_first: bool

@@ -7,7 +7,11 @@ them and passes the blocks after it the log of each token's size as an additive 
 attention). At the projector's input the rest of the budget is merged and every token gets its group's row
 back, so the model's own code (placeholder counts, projector, scatter into the sequence) runs unchanged; the
 prefill then keeps one token per group, at its surviving token's position, as the pre_llm stage cuts.
-Elsewhere (Qwen towers, LLaVA-OneVision) the stage merges the tower's output tokens at the LLM's input.
+LLaVA-OneVision's SigLIP merges between blocks alike, but its LLM tokens are not its tower tokens one to one
+(anyres packing, video pooling): there the merges save tower time only, the restored rows go through the
+model's own packing, and the LLM's budget is merged at its input as below (rows of one tower group are equal,
+so they fold together first). Qwen towers (whole 2x2 merger groups and attention windows) merge their output
+tokens at the LLM's input only.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class TowerMerge:
             )
         self.keys: dict[int, torch.Tensor] = {}
         self.state: Pass | None = None
+        self.carries = adapter.tower_tokens_are_llm_tokens  # whether `take` hands the tower's groups on
         self.pending: list[Merge] = []  # per image the tower saw, in order: its groups in LLM token indices
 
     def install(self) -> list[Callable[[], None]]:
@@ -131,8 +136,9 @@ class TowerMerge:
             features, metric, state.sizes[:, skip:], k, self.adapter.encoder_cls and not skip
         )
         groups = into.gather(1, state.into[:, skip:] - skip)  # (B, n): each LLM token's group
-        survivors = (state.origin[:, skip:] - skip).gather(1, origin)  # (B, k) LLM index of each group's token
-        self.pending += [Merge(s, m, g) for s, m, g in zip(survivors, merged, groups, strict=True)]
+        if self.carries:
+            survivors = (state.origin[:, skip:] - skip).gather(1, origin)  # (B, k) LLM index of each group's token
+            self.pending += [Merge(s, m, g) for s, m, g in zip(survivors, merged, groups, strict=True)]
         self.state = None
         return (merged.gather(1, groups[..., None].expand(-1, -1, merged.shape[-1])), *rest)
 
@@ -164,22 +170,24 @@ def _restore(attention: torch.nn.Module, stock: Any) -> None:
 
 @runtime
 class EncoderStage(PreLLMStage):
-    """Merges in the tower where the family allows it (`Adapter.merges_in_tower`), else at its output."""
+    """Merges in the tower where the family allows it (`Adapter.merges_in_tower`); the LLM's tokens are the
+    tower's groups where they map one to one (`Adapter.tower_tokens_are_llm_tokens`), else merged at its input."""
 
     name = "encoder"
 
     def __init__(self, method: EncoderMerger, adapter: Adapter, current: Callable[[], Call | None]) -> None:
         super().__init__(method, adapter, current)
         self.tower = TowerMerge(method, adapter) if adapter.merges_in_tower else None
+        self.carried = self.tower is not None and self.tower.carries
 
     def install(self) -> list[Callable[[], None]]:
         return super().install() + (self.tower.install() if self.tower is not None else [])
 
     def records(self, call: Call) -> Any:
-        if self.tower is None:
+        if not self.carried:
             return super().records(call)
         kwargs = call.kwargs
         return self.tower.take(call.spans, kwargs["inputs_embeds"], kwargs.get("attention_mask"))
 
     def select(self, call: Call, records: Any) -> Selection | None:
-        return records if self.tower is not None else super().select(call, records)
+        return records if self.carried else super().select(call, records)
