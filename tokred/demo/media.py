@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from tokred import video
 from tokred.zoo import datasets
 from tokred.zoo.datasets import Media
 
@@ -48,14 +48,5 @@ def read(path: str | os.PathLike) -> Media:
 
 
 def _frames(path: str | os.PathLike) -> list[Image.Image]:
-    """Up to FRAMES frames, evenly spaced over the whole video, decoded with PyAV."""
-    from transformers.video_utils import load_video
-
-    def even(metadata, **_) -> np.ndarray:
-        total = metadata.total_num_frames
-        if not total:
-            raise ValueError("it holds no frames")
-        return np.linspace(0, total - 1, min(FRAMES, total)).round().astype(int)
-
-    frames, _ = load_video(str(path), backend="pyav", sample_indices_fn=even)
-    return [Image.fromarray(frame).convert("RGB") for frame in frames]
+    """Up to FRAMES frames, evenly spaced over the whole video (`tokred.video`)."""
+    return video.load(path, num_frames=min(FRAMES, video.frame_count(path))).frames

@@ -1,6 +1,7 @@
 """MustDrop (Liu et al., 2024): vision tokens judged over their lifecycle; tokred implements its first two stages
 at the llm stage's cut: 2x2 windows of alike tokens stand for one token (local spatial merging), then the
-tokens the text attends to, in total or from any one text token, are kept (dual-attention filtering)."""
+tokens the text attends to, in total or from any one text token, are kept (dual-attention filtering). Its
+third stage, output-aware KV-cache pruning while decoding, is not built: it belongs to the kv stage."""
 
 from __future__ import annotations
 
