@@ -114,8 +114,7 @@ def test_recipe_controls_become_patch_configs():
         (("none", 0.5, "fastv"), "unknown kv scheme 'fastv'"),
         (
             ("prumerge", 0.5),
-            "unknown method 'prumerge'; methods are: none, cdpruner, dart, divprune, fastv, mustdrop, pdrop, random, "
-            "sparsevlm, tome, visionzip, vispruner",
+            f"unknown method 'prumerge'; methods are: none, {', '.join(sorted(tokred.METHODS))}",
         ),
         (("random", 0.0), r"keep must be in \(0, 1\]"),
     ],

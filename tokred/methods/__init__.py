@@ -14,7 +14,9 @@ from tokred.methods.base import (
 from tokred.methods.cdpruner import CDPruner
 from tokred.methods.dart import DART
 from tokred.methods.divprune import DivPrune
+from tokred.methods.dycoke import DyCoke
 from tokred.methods.fastv import FastV
+from tokred.methods.fastvid import FastVID
 from tokred.methods.mustdrop import MustDrop
 from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
@@ -30,7 +32,9 @@ __all__ = [
     "STAGES",
     "CDPruner",
     "DivPrune",
+    "DyCoke",
     "FastV",
+    "FastVID",
     "EncoderMerger",
     "KVScheme",
     "LLMReducer",
