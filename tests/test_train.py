@@ -269,15 +269,25 @@ def test_a_short_run_saves_a_loadable_model_and_its_card(tmp_path, capsys):
     argv = ["--family", "qwen2_5_vl", "--out", str(out), "--stages", "symbolic", "joint", "--minutes", "0.05", "0.05"]
     argv += ["--hidden", "64", "--vision-hidden", "32", "--eval-n", "4", "--curve-n", "2", "--questions", "2"]
     argv += ["--image-size", "224", "--drop", "0.5", "--rope-theta", "50", "--keep-symbols", "--log-every", "1"]
+    argv += ["--mrope-section", "2", "4", "10"]
     with torch.enable_grad():  # the suite runs under no_grad
         main(argv)
     card = json.loads((out / "card.json").read_text())
     assert [leg["stage"] for leg in card["legs"]] == ["symbolic", "joint"]
     assert all(leg["steps"] > 0 and "--drop 0.5" in leg["command"] for leg in card["legs"])
     assert card["rope_theta"] == 50 and card["media_seen"] == 8 * sum(leg["steps"] for leg in card["legs"])
-    assert AutoConfig.from_pretrained(out).get_text_config().rope_parameters["rope_theta"] == 50
+    rope = AutoConfig.from_pretrained(out).get_text_config().rope_parameters
+    assert rope["rope_theta"] == 50 and rope["mrope_section"] == card["mrope_section"] == [2, 4, 10]
     assert (out / "symbols.pt").is_file() and set(card["test_accuracy"]["shapes"]) >= {"all"}
     assert capsys.readouterr().out.endswith((out / "card.json").read_text())  # after any progress lines
+
+
+def test_mrope_sections_must_fill_the_rotary_pairs(tmp_path):
+    from tokred.zoo.train import main
+
+    argv = ["--out", str(tmp_path / "x"), "--hidden", "64", "--vision-hidden", "32", "--image-size", "224"]
+    with pytest.raises(SystemExit, match=r"three M-RoPE sections \(t, h, w\) summing to 16; got \[2, 4, 4\]"):
+        main([*argv, "--mrope-section", "2", "4", "4"])
 
 
 def test_a_drop_share_outside_0_1_is_refused(tmp_path, capsys):

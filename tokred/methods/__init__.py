@@ -22,6 +22,7 @@ from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
 from tokred.methods.sparsevlm import SparseVLM
 from tokred.methods.tome import ToMe
+from tokred.methods.vidcom2 import VidCom2
 from tokred.methods.visionzip import VisionZip
 from tokred.methods.vispruner import VisPruner
 from tokred.tokens import Span, VisionTokens
@@ -47,6 +48,7 @@ __all__ = [
     "ToMe",
     "TokenMerger",
     "TokenReducer",
+    "VidCom2",
     "VisionTokens",
     "VisionZip",
     "VisPruner",

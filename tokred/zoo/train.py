@@ -366,8 +366,16 @@ def train(args: argparse.Namespace) -> dict:
             args.family, scratch, seed=args.seed, vision=vision, image_size=args.image_size, **text
         )
         config = AutoConfig.from_pretrained(init)
-        if args.rope_theta is not None:  # the rotary tables are built from the config at load
-            config.get_text_config().rope_parameters["rope_theta"] = args.rope_theta
+        rope = config.get_text_config().rope_parameters  # the rotary tables are built from the config at load
+        if args.rope_theta is not None:
+            rope["rope_theta"] = args.rope_theta
+        if args.mrope_section is not None:
+            if "mrope_section" not in rope or sum(args.mrope_section) != sum(rope["mrope_section"]):
+                raise SystemExit(
+                    f"--mrope-section: {args.family} takes three M-RoPE sections (t, h, w) summing to "
+                    f"{sum(rope.get('mrope_section', [])) or 'nothing (no M-RoPE)'}; got {args.mrope_section}"
+                )
+            rope["mrope_section"] = list(args.mrope_section)
         model = AutoModelForImageTextToText.from_pretrained(init, config=config, attn_implementation="sdpa")
         model = model.to(args.device).train()
         processor = AutoProcessor.from_pretrained(init)
@@ -396,6 +404,7 @@ def train(args: argparse.Namespace) -> dict:
         "vision": vision,
         "image_size": args.image_size,
         "rope_theta": model.config.get_text_config().rope_parameters["rope_theta"],
+        "mrope_section": model.config.get_text_config().rope_parameters.get("mrope_section"),
         "seed": args.seed,
         "media_seen": first,
         "data": "train split drawn on the fly from tokred.zoo.datasets.sample(task, 'train', i, seed)",
@@ -480,6 +489,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--rope-theta",
         type=float,
         help="set the LLM's rotary base before training (e.g. to continue a model on another)",
+    )
+    parser.add_argument(
+        "--mrope-section",
+        nargs=3,
+        type=int,
+        metavar=("T", "H", "W"),
+        help="the LLM's M-RoPE (t, h, w) frequency pairs before training: sections in a row give w the lowest "
+        "frequencies, so a larger w section lets the LLM tell left from right",
     )
     parser.add_argument("--keep-symbols", action="store_true", help=f"also save {SYMBOLS}, to continue stages 1-2")
     args = parser.parse_args(argv)
