@@ -29,6 +29,8 @@ EXAMPLES |= {
 }
 """Every registered method at its example setting, and every selecting one also with ``merge=True``: the
 conformance tests run each of them."""
+REDUCERS = {name: method for name, method in EXAMPLES.items() if isinstance(method, TokenReducer)}
+"""The examples that keep a budget of tokens (`keep`): the tests of budget counts run these."""
 
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -92,10 +94,16 @@ def serve(tiny: Tiny, method) -> None:
     """Skip the test where tokred does not serve `method` on this family, after checking that patching says so."""
     from tokred.adapters import adapter_for
 
-    if getattr(method, "needs_encoder_attention", False) and adapter_for(tiny.model).encoder_attention_block() is None:
-        with pytest.raises(ValueError, match="needs the vision tower's attention, which tokred reads for the families"):
-            tokred.patch(tiny.model, method)
-        pytest.skip(f"{method.name} is not served on {tiny.family} (refused with a clear error)")
+    adapter = adapter_for(tiny.model)
+    if getattr(method, "needs_encoder_attention", False) and adapter.encoder_attention_block() is None:
+        refusal = "needs the vision tower's attention, which tokred reads for the families"
+    elif method.stage == "frames" and not adapter.patch_groups:
+        refusal = "runs the vision tower on a video's changed patches only; tokred does that for towers that take"
+    else:
+        return
+    with pytest.raises(ValueError, match=refusal):
+        tokred.patch(tiny.model, method)
+    pytest.skip(f"{method.name} is not served on {tiny.family} (refused with a clear error)")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

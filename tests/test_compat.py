@@ -165,6 +165,35 @@ def test_vision_window_index(tiny):
     torch.testing.assert_close(tower.merger(out.last_hidden_state)[torch.argsort(order)], out.pooler_output)
 
 
+def test_vision_block_call(tiny):
+    """Each Qwen tower block gets the packed-sequence ends and the rotary rows as keywords; cut to a subset of
+    patches, they describe that subset (its segments recounted, the empty ones gone)."""
+    adapter = adapter_for(tiny.model)
+    if not adapter.patch_groups:
+        pytest.skip("only towers that take patch groups are called block by block with packed sequences")
+    inputs = tiny.video()  # a packed segment per frame (or per window)
+    calls: list = []
+    hook = record_calls(adapter.vision_blocks[0], calls)
+    try:
+        tiny.model(**inputs)
+    finally:
+        hook.remove()
+    (kwargs,) = calls
+    assert set(compat.VISION_BLOCK_KWARGS) <= set(kwargs), f"seam 'vision block call': got {sorted(kwargs)}"
+    n, ends = kwargs["position_embeddings"][0].shape[0], kwargs["cu_seqlens"]
+    first = int(ends[1])  # drop the first packed segment (a frame, or a window) and half a patch of the next
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[: first + 1] = False
+    before = torch.nn.functional.pad(keep.long().cumsum(0), (1, 0))
+    hidden = torch.randn(n, 4)
+    (cut,), out = compat.ragged_block_call((hidden,), kwargs, keep, before, {})
+    assert torch.equal(cut, hidden[first + 1 :]) and torch.equal(
+        out["position_embeddings"][0], kwargs["position_embeddings"][0][keep]
+    )
+    expected = [0, *(ends[2:] - first - 1).tolist()]
+    assert out["cu_seqlens"].tolist() == expected and out.get("max_seqlen") is None
+
+
 def test_pre_encoded_media(tiny):
     """generate() hands the outer model either the raw pixels or media it encoded ahead; tokred reads both."""
     adapter = adapter_for(tiny.model)

@@ -123,16 +123,16 @@ def test_pixels_without_input_ids(tiny):
 def test_a_method_of_a_stage_without_a_runtime_is_refused(tiny):
     from dataclasses import dataclass
 
-    from tokred.methods.base import METHODS, TokenReducer, register
+    from tokred.methods.base import METHODS, KVScheme, register
 
-    @register("frame-dedup-test", stage="frames")
+    @register("kv-test", stage="kv")
     @dataclass(frozen=True)
-    class FrameDedup(TokenReducer):
+    class KVTest(KVScheme):
         pass
 
     try:
-        with pytest.raises(ValueError, match="'frame-dedup-test' runs in stage 'frames', which has no runtime yet"):
-            tokred.patch(tiny.model, Config(prune=FrameDedup(keep=0.5)))
+        with pytest.raises(ValueError, match="'kv-test' runs in stage 'kv', which has no runtime yet"):
+            tokred.patch(tiny.model, Config(kv=KVTest()))
         assert not hasattr(tiny.model, "_tokred_session")
     finally:
-        del METHODS["frame-dedup-test"]
+        del METHODS["kv-test"]

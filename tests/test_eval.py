@@ -288,3 +288,10 @@ def test_an_answer_is_the_task_answer_the_output_starts_with():
     assert leading_answer(" bottomrightleft\n", "shapes") == "bottomright"
     assert leading_answer("upwards", "motion") == "up" and leading_answer("up", "shapes") == "up"
     assert leading_answer("the red one\nred", "shapes") == "the red one" and leading_answer("", "motion") == ""
+
+
+def test_a_settings_keep_is_its_last_token_reducers():
+    """A frames method keeps no budget of tokens: alone it is a keep of 1, and a reducer after it sets the keep."""
+    _, alone, combined = grid(recipes=["temporal_dedup", "temporal_dedup+random:keep=0.25"])
+    assert (alone.method, alone.keep) == ("temporal_dedup", 1.0)
+    assert (combined.method, combined.keep) == ("temporal_dedup+random", 0.25)

@@ -11,13 +11,12 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import EXAMPLES, serve
+from conftest import EXAMPLES, REDUCERS, serve
 
 import tokred
 
 METHODS = pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
-REDUCING = {name: m for name, m in EXAMPLES.items() if isinstance(m, tokred.TokenReducer)}
-REDUCERS = pytest.mark.parametrize("method", list(REDUCING.values()), ids=list(REDUCING))
+REDUCING = pytest.mark.parametrize("method", list(REDUCERS.values()), ids=list(REDUCERS))
 
 
 def vision_counts(tiny, inputs) -> list[int]:
@@ -40,7 +39,7 @@ def test_idle_is_bit_identical(tiny, method):
         assert set(tokred.stats(tiny.model).vision_tokens) == {"input"}  # the stage did not run
 
 
-@REDUCERS
+@REDUCING
 def test_budget_counts_are_exact(tiny, method):
     serve(tiny, method)
     inputs = tiny.batch()
@@ -60,7 +59,7 @@ def test_budget_counts_are_exact(tiny, method):
             assert bool((inputs["input_ids"][b, kept] == tiny.model.config.image_token_id).all())
 
 
-@REDUCERS
+@REDUCING
 def test_generate_runs_and_shortens_the_cache(tiny, method):
     serve(tiny, method)
     inputs = tiny.batch()
@@ -73,7 +72,7 @@ def test_generate_runs_and_shortens_the_cache(tiny, method):
     assert kept == [method.budget(x) for x in vision_counts(tiny, inputs)]
 
 
-@REDUCERS
+@REDUCING
 def test_a_samples_selection_is_the_same_alone_and_batched(tiny, method):
     """What a sample keeps depends on it alone, not on the other samples (or padding) of its batch."""
     serve(tiny, method)

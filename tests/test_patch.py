@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import EXAMPLES, noise_image, serve
+from conftest import REDUCERS, noise_image, serve
 
 import tokred
 from tokred import Config, FastV, Random, compat
@@ -85,7 +85,7 @@ def test_unpatch_restores_and_repatch_repeats(tiny):
     assert torch.equal(again_logits, first_logits) and torch.equal(again_ids, first_ids)
 
 
-@pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
+@pytest.mark.parametrize("method", list(REDUCERS.values()), ids=list(REDUCERS))
 def test_quarter_keep_counts_and_shrinks_the_llm(tiny, method):
     serve(tiny, method)
     model, inputs = tiny.model, tiny.batch()
@@ -384,7 +384,7 @@ def test_video_pruning_equals_masking_through_decoding(tiny_video):
     _assert_pruning_equals_masking(model, tiny_video.video(), "random-25", model.config.video_token_id)
 
 
-@pytest.mark.parametrize("method", list(EXAMPLES.values()), ids=list(EXAMPLES))
+@pytest.mark.parametrize("method", list(REDUCERS.values()), ids=list(REDUCERS))
 def test_video_keeps_a_quarter_of_its_tokens(tiny_video, method):
     serve(tiny_video, method)
     model, inputs = tiny_video.model, tiny_video.video()

@@ -38,6 +38,7 @@ SEAMS = (
     "media features",
     "pre encoded media",
     "vision window index",
+    "vision block call",
     "onevision layout",
     "deepstack",
     "loss function",
@@ -294,6 +295,37 @@ def window_order(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
         patch_size=tower.patch_size,
     )
     return index
+
+
+VISION_BLOCK_KWARGS = ("cu_seqlens", "position_embeddings")
+"""What a Qwen vision tower passes each block besides the hidden states (and ``max_seqlen``, recomputed)."""
+
+
+def ragged_block_call(
+    args: tuple, kwargs: dict[str, Any], keep: torch.Tensor, before: torch.Tensor, memo: dict[int, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """A Qwen vision block's call arguments cut to the patches `keep` ((N,) bool, in the tower's order): the
+    hidden states where they are still N long, the rotary (cos, sin) rows, and the packed-sequence ends
+    ``cu_seqlens`` mapped through `before` ((N + 1,) kept patches before each position) with the segments that
+    lost every patch removed; ``max_seqlen`` is left for the block to recompute. `memo` keeps what the blocks
+    share (the tower hands every block the same tensors)."""
+    missing = [k for k in VISION_BLOCK_KWARGS if k not in kwargs]
+    if missing:
+        raise SeamError("vision block call", f"a Qwen vision block was called without {', '.join(missing)}")
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if hidden.shape[0] == keep.shape[0]:
+        hidden = hidden[keep]
+    ends, rotary = kwargs["cu_seqlens"], kwargs["position_embeddings"]
+    if id(ends) not in memo:
+        memo[id(ends)] = before.to(ends.device, ends.dtype)[ends.long()].unique_consecutive()
+    if id(rotary) not in memo:
+        memo[id(rotary)] = tuple(part[keep] for part in rotary)
+    kwargs = {**kwargs, "cu_seqlens": memo[id(ends)], "position_embeddings": memo[id(rotary)]}
+    if "max_seqlen" in kwargs:
+        kwargs["max_seqlen"] = None
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 DEEPSTACK_PARAMETERS = ("hidden_states", "visual_pos_masks", "visual_embeds")

@@ -48,6 +48,7 @@ class Config:
                 )
             by_stage[method.stage] = method
         methods = {s: by_stage[s] for s in STAGES if s in by_stage}
+        _check_tower_readers(methods)
         object.__setattr__(self, "prune", tuple(m for s, m in methods.items() if s not in ("kv", "weights")))
         object.__setattr__(self, "kv", methods.get("kv"))
         object.__setattr__(self, "weights", methods.get("weights"))
@@ -70,6 +71,21 @@ class Config:
         given = {"kv": kv, "weights": weights}
         added = {stage: _parse_method(text, stage) for stage, text in given.items() if text != "none"}
         return dataclasses.replace(self, **added) if added else self
+
+
+def _check_tower_readers(methods: dict[str, Method]) -> None:
+    """A frames method leaves the tower only a video's kept patches: refuse methods that read or merge inside
+    the tower alongside it (their signal would cover those patches alone)."""
+    frames = methods.get("frames")
+    if frames is None or frames.idle:
+        return
+    readers = [m for s, m in methods.items() if s == "encoder" or getattr(m, "needs_encoder_attention", False)]
+    if readers:
+        raise ValueError(
+            f"{frames.name} runs the vision tower on a video's changed patches only, so {readers[0].name} (which "
+            "reads or merges inside the tower) cannot follow it; combine it with pre_llm or llm methods that do "
+            "not read the tower"
+        )
 
 
 def _method_text(method: Method) -> str:

@@ -19,6 +19,8 @@ class Stats:
     seq_len: LLM layer index -> tokens per sample (padding excluded) from that layer on, where it changes.
     media: per sample, (kind, (t, h, w) token grid or None where the family doesn't make it known) of each
     image or video, in sequence order; its tokens are that sample's "input" positions, in raster order.
+    encoder_patches: with a frames stage, the patches of each video of the batch (in batch and sequence order)
+    that the vision tower was given ("input") and that it encoded ("frames").
     """
 
     vision_tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -26,6 +28,7 @@ class Stats:
     merged_groups: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
     seq_len: dict[int, list[int]] = field(default_factory=dict)
     media: list[list[tuple[str, tuple[int, int, int] | None]]] = field(default_factory=list)
+    encoder_patches: dict[str, list[int]] = field(default_factory=dict)
 
     def record(self, stage: str, positions: list[torch.Tensor]) -> None:
         self.kept_positions[stage] = [p.sort().values.cpu() for p in positions]

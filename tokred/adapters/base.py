@@ -88,6 +88,16 @@ class Adapter:
     groups are the LLM's; else (LLaVA-OneVision's packing and pooling) the tower's merges only save tower time,
     every token gets its group's row back at the projector's input, and the LLM's tokens merge after it."""
 
+    patch_groups: ClassVar[bool] = False
+    """Whether the tower takes a video as a flat list of patches grouped per LLM token (Qwen: 2x2 spatial
+    merge of 2-frame temporal patches) and runs on any subset of whole groups, so the frames stage can encode
+    only the groups that changed (`output_mergers` then give each group its row back)."""
+
+    @property
+    def output_mergers(self) -> list[nn.Module]:
+        """With `patch_groups`: the modules that turn the tower's patches into one row per group."""
+        raise NotImplementedError
+
     def feature_block(self) -> int:
         """The tower block whose output the projector takes, for the LLaVA families (``vision_feature_layer``);
         refused where features come from several blocks."""

@@ -41,6 +41,17 @@ class QwenVLAdapter(Adapter):
     def vision_attention(self, block: int) -> nn.Module:
         return self.vision_blocks[block].attn
 
+    patch_groups = True
+
+    @property
+    def output_mergers(self) -> list[nn.Module]:
+        return [self.projector]
+
+    @property
+    def group_size(self) -> int:
+        """Patches per LLM token (the spatial merge's square)."""
+        return self.model.config.vision_config.spatial_merge_size**2
+
     windowed = False
     """Whether the tower holds its merged-token groups in window order (Qwen2.5-VL) instead of raster order."""
 
@@ -53,7 +64,7 @@ class QwenVLAdapter(Adapter):
         """Patch scores (in the tower's order) -> each merged token's mean over its patches, in raster order."""
         scores, calls = torch.cat([c.reshape(-1) for c in chunks]), self.encoded_calls
         self.encoded_calls = []
-        unit = self.model.config.vision_config.spatial_merge_size**2
+        unit = self.group_size
         out, at = [], 0
         for kind, grid_thw in calls:
             patches = int(grid_thw.prod(-1).sum())

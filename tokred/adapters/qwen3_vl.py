@@ -21,6 +21,11 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
     lmms_base = "qwen3_vl"
 
+    @property
+    def output_mergers(self) -> list[torch.nn.Module]:
+        """The patch merger and the deepstack mergers (rows the early LLM layers add to the visual tokens)."""
+        return [self.projector, *self.vision_tower.deepstack_merger_list]
+
     def take_text_kwargs(self, kwargs: dict[str, Any], selection: Selection) -> None:
         if kwargs.get("visual_pos_masks") is None:
             return

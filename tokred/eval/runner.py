@@ -67,7 +67,8 @@ def grid(
             raise ValueError(f"unknown recipe {text!r}: {error}") from error
         config = config.with_schemes(kv, weights)
         method = "+".join(m.name for m in config.prune) or "stock"
-        settings.append(Setting(name, config, method, config.prune[-1].keep if config.prune else 1.0))
+        budgets = [m.keep for m in config.prune if isinstance(m, tokred.TokenReducer)]  # frames methods have none
+        settings.append(Setting(name, config, method, budgets[-1] if budgets else 1.0))
     return settings
 
 

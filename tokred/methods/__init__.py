@@ -4,6 +4,7 @@ from tokred.methods.base import (
     METHODS,
     STAGES,
     EncoderMerger,
+    FrameFilter,
     KVScheme,
     LLMReducer,
     Method,
@@ -21,6 +22,7 @@ from tokred.methods.mustdrop import MustDrop
 from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
 from tokred.methods.sparsevlm import SparseVLM
+from tokred.methods.temporal_dedup import TemporalDedup
 from tokred.methods.tome import ToMe
 from tokred.methods.vidcom2 import VidCom2
 from tokred.methods.visionzip import VisionZip
@@ -37,6 +39,7 @@ __all__ = [
     "FastV",
     "FastVID",
     "EncoderMerger",
+    "FrameFilter",
     "KVScheme",
     "LLMReducer",
     "Method",
@@ -45,6 +48,7 @@ __all__ = [
     "Random",
     "Span",
     "SparseVLM",
+    "TemporalDedup",
     "ToMe",
     "TokenMerger",
     "TokenReducer",

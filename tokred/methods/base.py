@@ -220,6 +220,17 @@ def check_layer(method: Method, field: str, value: object) -> None:
 
 
 @dataclass(frozen=True)
+class FrameFilter(Method):
+    """A method of the frames stage: which of a video's patch groups the vision tower encodes at all. It sees
+    each video as (t, m, d) groups (t temporal slots, m locations, one row of normalised pixels per LLM token)
+    and returns (t, m) bool, True where the group is encoded; the stage runs the tower on those alone and
+    drops the rest before the LLM."""
+
+    def encodes(self, groups: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
 class KVScheme(Method):
     """How the KV cache stores keys and values; the kv stage generates with the cache `make_cache` returns."""
 
@@ -243,7 +254,8 @@ def _count(fraction: float, n: int) -> int:
 
 
 KINDS: dict[str, type[Method]] = {
-    **{stage: TokenReducer for stage in ("frames", "pre_llm")},
+    "frames": FrameFilter,
+    "pre_llm": TokenReducer,
     "encoder": EncoderMerger,
     "llm": LLMReducer,
     "kv": KVScheme,

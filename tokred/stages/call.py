@@ -34,6 +34,7 @@ class Call:
     derive_positions: bool  # the model derives decode positions from the cache length (no mask, no ids)
     stats: Stats
     seen: int = 0  # cache length at the current forward (0 for the prefill)
+    llm_len: int = 0  # the length the LLM's first layer took at the prefill, after the cuts before it
     given: dict[str, Selection | None] = field(default_factory=dict)  # cuts to reuse instead of choosing
     selections: dict[str, Selection | None] = field(default_factory=dict)  # each stage's cut, None: kept all
     maps: list[torch.Tensor] = field(default_factory=list)  # each cut's index, oldest first

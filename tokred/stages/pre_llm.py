@@ -40,6 +40,7 @@ class PreLLMStage(Stage):
         records = self.records(call)  # taken up even when the cut is given
         selection = call.given.get(self.name) or self.select(call, records)
         call.cut(self.name, selection)
+        call.llm_len = embeds.shape[1] if selection is None else selection.new_len
         if selection is None:
             return
         position_ids = kwargs.get("position_ids")
@@ -69,7 +70,7 @@ class PreLLMStage(Stage):
             return
         kwargs, seen = call.kwargs, call.seen
         q_len = kwargs["inputs_embeds"].shape[1]
-        added = seen - selection.new_len + q_len
+        added = seen - call.llm_len + q_len  # tokens decoded since the prefill, this one included
         kwargs["attention_mask"] = selection.padding_mask(kwargs.get("attention_mask"), added)
         if call.derive_positions:
             shift = selection.old_len - selection.new_len
