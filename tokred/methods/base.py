@@ -62,6 +62,7 @@ class TokenReducer(Method):
     mass: float = 0.9
     keep_min: float = 0.05
     keep_max: float = 1.0
+    per_frame: bool = False
 
     scored: ClassVar[bool] = False
     """Whether `importance` gives scores at the method's stage (what ``keep="auto"`` spends)."""
@@ -70,6 +71,8 @@ class TokenReducer(Method):
         name = type(self).__name__
         if not isinstance(self.merge, bool):
             raise TypeError(f"{name}.merge must be True or False, got {self.merge!r}")
+        if not isinstance(self.per_frame, bool):
+            raise TypeError(f"{name}.per_frame must be True or False, got {self.per_frame!r}")
         if self.keep == "auto":
             self._check_auto()
         elif isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
@@ -143,10 +146,25 @@ class TokenReducer(Method):
         default the stage's attention scores), None for uniform."""
         return tokens.scores
 
+    def pick(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
+        """The k tokens the stage keeps: `select` over the span, or with `per_frame` over each temporal slot of
+        a video, the budget spread evenly over the slots that do not repeat an earlier one (`frame_budgets`),
+        so no frame loses all its tokens unless it duplicates a kept one (with k at least the distinct slots)."""
+        budgets = frame_budgets(tokens, k) if self.per_frame else None
+        if budgets is None:
+            return self.select(tokens, k, generator)
+        per = len(tokens.span) // len(budgets)
+        kept = [
+            self.select(slot_tokens(tokens, slot, per), budget, generator) + slot * per
+            for slot, budget in enumerate(budgets)
+            if budget
+        ]
+        return torch.cat(kept).sort().values
+
     def fold(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> Merge:
-        """What reaches the LLM with `merge` on: the k selected slots, each carrying the `importance`-weighted
+        """What reaches the LLM with `merge` on: the k picked slots, each carrying the `importance`-weighted
         mean of itself and the dropped tokens most similar to it."""
-        return fold_into_kept(tokens.embeds, self.select(tokens, k, generator), self.importance(tokens))
+        return fold_into_kept(tokens.embeds, self.pick(tokens, k, generator), self.importance(tokens))
 
 
 class ByTowerAttention:
@@ -171,6 +189,10 @@ class TokenMerger(TokenReducer):
         super().__post_init__()
         if not self.merge:
             raise ValueError(f"{type(self).__name__} always merges; merge=False is not a setting of it")
+        if self.per_frame:
+            raise ValueError(
+                f"{type(self).__name__} merges by its own rule across the span; per_frame is not a setting of it"
+            )
 
     def fold(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> Merge:
         raise NotImplementedError
@@ -246,6 +268,46 @@ class WeightScheme(Method):
     def bit_map(self, model: nn.Module) -> dict[str, int]:
         """Qualified name of each linear layer to quantize -> its bit width."""
         raise NotImplementedError
+
+
+def frame_budgets(tokens: VisionTokens, k: int) -> list[int] | None:
+    """Per temporal slot of a video span, its share of k: even over the slots whose tokens are not all equal to
+    an earlier slot's (a repeated frame gets 0), the remainder to the earlier ones, at most a slot's tokens;
+    None for an image or a one-slot video. A video whose tokens do not form a known grid is refused."""
+    grid, n = tokens.span.grid, len(tokens.span)
+    if tokens.span.kind != "video" or (grid is not None and grid[0] == 1):
+        return None
+    if grid is None or grid[0] * grid[1] * grid[2] != n:
+        raise ValueError(
+            f"per_frame needs each video's (t, h, w) token grid; this video's {n} tokens come with {grid} "
+            "(the Qwen families give it; LLaVA-OneVision's pooled frames do not)"
+        )
+    t, per = grid[0], n // grid[0]
+    frames = tokens.embeds.view(t, per, -1)
+    distinct = [s for s in range(t) if not any(torch.equal(frames[s], frames[r]) for r in range(s))]
+    budgets = [0] * t
+    left = k
+    while left:  # round-robin over the distinct slots that still have room
+        open_slots = [s for s in distinct if budgets[s] < per] or [s for s in range(t) if budgets[s] < per]
+        for s in open_slots[:left]:
+            budgets[s] += 1
+        left -= min(left, len(open_slots))
+    return budgets
+
+
+def slot_tokens(tokens: VisionTokens, slot: int, per: int) -> VisionTokens:
+    """One temporal slot of a video span's tokens, as a one-frame span (a grid of t = 1)."""
+    rows = slice(slot * per, (slot + 1) * per)
+    span = tokens.span
+    grid = None if span.grid is None else (1, span.grid[1], span.grid[2])
+    cut = {
+        f: getattr(tokens, f)[rows]
+        for f in ("embeds", "scores", "key_norms", "encoder_scores")
+        if getattr(tokens, f) is not None
+    }
+    if tokens.text_attention is not None:
+        cut["text_attention"] = tokens.text_attention[:, rows]
+    return dataclasses.replace(tokens, span=dataclasses.replace(span, positions=span.positions[rows], grid=grid), **cut)
 
 
 def _count(fraction: float, n: int) -> int:

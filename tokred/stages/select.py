@@ -56,7 +56,7 @@ def choose(
                 chosen = merge.index.to(span.positions.device)
                 merged.append(Folded.of(b, span.positions, merge))
             else:
-                chosen = method.select(tokens, k, generator).to(span.positions.device)
+                chosen = method.pick(tokens, k, generator).to(span.positions.device)
             dropped = torch.ones(n, dtype=torch.bool, device=span.positions.device)
             dropped[chosen] = False
             keep[b, span.positions[dropped]] = False
