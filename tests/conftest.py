@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -33,6 +36,18 @@ REDUCERS = {name: method for name, method in EXAMPLES.items() if isinstance(meth
 """The examples that keep a budget of tokens (`keep`): the tests of budget counts run these."""
 
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def compile_for_hopper(script: str) -> str:
+    """Run `script` (which compiles Triton kernels for sm_90 and prints a line per kernel) in a subprocess
+    without triton's CPU interpreter; its stdout, once it succeeded."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 def noise_image(seed: int, size: tuple[int, int] = (112, 112)) -> Image.Image:

@@ -8,15 +8,13 @@ there is no GPU (unless it is already set), and tests that need the kernel to ru
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from conftest import compile_for_hopper
 
 from tokred.kernels import dispatch, last_query
 from tokred.kernels.last_query import (
@@ -157,17 +155,7 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
 @needs_triton
 def test_kernels_compile_for_hopper():
     """The compiled path builds to an sm_90 binary without a GPU (triton ships ptxas), as launched for bf16 GQA."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_HOPPER],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("bytes of sm_90 cubin") == 2, done.stdout
+    assert compile_for_hopper(COMPILE_FOR_HOPPER).count("bytes of sm_90 cubin") == 2
 
 
 @pytest.fixture

@@ -194,9 +194,10 @@ def test_qwen3_video_timestamps(zoo: Zoo) -> None:
         videos=[frames()], video_metadata=[metadata], text=[zoo.prompt("video")], return_tensors="pt"
     )
     text = zoo.processor.decode(inputs["input_ids"][0])
-    # one "<t seconds>" marker per frame pair, at the pair's mean time
-    assert [f"<{t} seconds>" in text for t in ("0.1", "0.6", "1.1", "1.6")] == [True] * 4
-    assert text.count("<|vision_start|>") == 1 + N_FRAMES // 2  # the template's own + one per pair
+    # one "<t seconds>" marker per frame pair, at the pair's mean time, opening that pair's vision tokens (5.25
+    # dropped the template's own outer <|vision_start|>, so only the markers' count is fixed)
+    markers = [f"<{t} seconds><|vision_start|>" for t in ("0.1", "0.6", "1.1", "1.6")]
+    assert [text.count(m) for m in markers] == [1] * (N_FRAMES // 2)
     zoo.generate(inputs)
 
 

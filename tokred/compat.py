@@ -5,7 +5,7 @@ does not promise to keep. Each seam is named here (SEAMS); when a release moves 
 raises `SeamError` naming the seam instead of letting a hook read None and carry on. `tests/test_compat.py`
 checks every seam on every family's tiny checkpoint, so a new release fails there first, by name.
 
-Tested: transformers 5.17 to 5.24 (pyproject caps the range). Announced removals handled here:
+Tested: transformers 5.17 to 5.25 (pyproject caps the range). Announced removals handled here:
 - 5.24 renamed the cache argument ``past_key_values`` to ``cache`` in every forward and in generate's model
   kwargs (old keyword accepted by a decorator until 5.40; ``generate(past_key_values=)`` until 6.0) and the
   output field likewise: `cache_argument` reads the name from the forward's signature, `output_cache` the field.
