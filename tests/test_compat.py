@@ -41,6 +41,18 @@ def test_cache_argument(tiny):
     assert caches[0] is caches[1], "seam 'cache argument': decode steps got another cache than the prefill"
 
 
+def test_cache_layer(tiny):
+    from tokred.kv import QuantizedKVLayer, cache_for
+
+    assert issubclass(QuantizedKVLayer, compat.cache_layer())
+    assert not QuantizedKVLayer.__abstractmethods__, "seam 'cache layer': transformers added abstract methods"
+    cache = cache_for(tiny.model, tokred.KIVI(group=8, residual=8))
+    tiny.model.generate(**tiny.image(), max_new_tokens=2, do_sample=False, **{compat.cache_argument(tiny.model): cache})
+    length = cache.get_seq_length()
+    assert length > 0 and cache.get_mask_sizes(1, 0) == (length + 1, 0)
+    assert not any(cache.is_sliding) and cache.is_croppable and not cache.is_compileable
+
+
 def test_cache_argument_refuses_a_cache_it_cannot_name(tiny):
     with pytest.raises(compat.SeamError, match="'cache argument'.*arrived as 'kv_store'"):
         compat.passed_cache({"kv_store": DynamicCache()}, "cache")

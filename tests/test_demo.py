@@ -15,7 +15,7 @@ from PIL import Image
 
 import tokred
 from tokred.cli import default_model, main
-from tokred.demo.compare import Run, kept_cells, merged_cells, recipe, stream
+from tokred.demo.compare import PRUNERS, Run, kept_cells, merged_cells, recipe, stream
 from tokred.demo.media import FRAMES, example, read
 from tokred.demo.overlay import CELL, GAP, OUTLINE, grey, overlay
 from tokred.zoo import build, load
@@ -104,17 +104,19 @@ def test_recipe_controls_become_patch_configs():
     assert recipe("none", 0.3) == tokred.Config() == tokred.Config.parse("none")
     assert recipe("random", 0.25) == tokred.Config(prune=tokred.Random(keep=0.25))
     assert recipe("random", 0.25, merge=True) == tokred.Config(prune=tokred.Random(keep=0.25, merge=True))
+    assert recipe("temporal_dedup", 0.25) == tokred.Config(prune=tokred.TemporalDedup())  # no token budget
+    assert "kivi" not in PRUNERS and "temporal_dedup" in PRUNERS  # KV schemes have their own menu
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("fastv", 0.5, "kivi"), r"unknown kv scheme 'kivi'; no kv scheme is built yet \(only none\)"),
+        (("fastv", 0.5, "vidkv"), r"unknown kv scheme 'vidkv'; kv schemes are: none, int8, kivi"),
         (("fastv", 0.5, "none", "int4"), r"unknown weights scheme 'int4'; no weights scheme is built yet"),
         (("none", 0.5, "fastv"), "unknown kv scheme 'fastv'"),
         (
             ("prumerge", 0.5),
-            f"unknown method 'prumerge'; methods are: none, {', '.join(sorted(tokred.METHODS))}",
+            f"unknown method 'prumerge'; methods are: none, {', '.join(PRUNERS)}",
         ),
         (("random", 0.0), r"keep must be in \(0, 1\]"),
     ],
@@ -267,7 +269,7 @@ def test_an_uploaded_picture_answers_like_the_same_example(page, tmp_path):
         ({"question": "   "}, "type a question"),
         ({"choice": "upload"}, "upload an image or a video, or pick one of the examples"),
         ({"upload": "notes.png", "choice": "upload"}, "could not read 'notes.png': not an image"),
-        ({"kv": "kivi"}, "kivi"),
+        ({"kv": "vidkv"}, "vidkv is not in the list of choices"),
     ],
 )
 def test_bad_input_shows_a_message(page, tmp_path, kwargs, message):

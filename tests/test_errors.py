@@ -123,16 +123,16 @@ def test_pixels_without_input_ids(tiny):
 def test_a_method_of_a_stage_without_a_runtime_is_refused(tiny):
     from dataclasses import dataclass
 
-    from tokred.methods.base import METHODS, KVScheme, register
+    from tokred.methods.base import METHODS, WeightScheme, register
 
-    @register("kv-test", stage="kv")
+    @register("weights-test", stage="weights")
     @dataclass(frozen=True)
-    class KVTest(KVScheme):
+    class WeightsTest(WeightScheme):
         pass
 
     try:
-        with pytest.raises(ValueError, match="'kv-test' runs in stage 'kv', which has no runtime yet"):
-            tokred.patch(tiny.model, Config(kv=KVTest()))
+        with pytest.raises(ValueError, match="'weights-test' runs in stage 'weights', which has no runtime yet"):
+            tokred.patch(tiny.model, Config(weights=WeightsTest()))
         assert not hasattr(tiny.model, "_tokred_session")
     finally:
-        del METHODS["kv-test"]
+        del METHODS["weights-test"]

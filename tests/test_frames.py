@@ -16,6 +16,8 @@ from PIL import Image
 import tokred
 from tokred import TemporalDedup
 from tokred.stages.frames import last_kept
+from tokred.zoo import available, card, datasets, load
+from tokred.zoo.prompts import generate_answers
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -196,3 +198,22 @@ def test_images_pass_untouched(qwen):
     with tokred.patched(qwen.model, TemporalDedup()):
         assert torch.equal(qwen.model(**inputs).logits, stock)
         assert tokred.stats(qwen.model).encoder_patches == {}
+
+
+MOTION_QWEN = [n for n in available() if "motion" in card(n)["tasks"] and card(n)["family"] in QWEN]
+
+
+@pytest.mark.parametrize("name", MOTION_QWEN)
+def test_a_trained_models_answers_about_a_static_scene_stand(name):
+    """MotionVQA scenes held still (each clip's first frame, 16 times): temporal_dedup encodes one slot in eight
+    and the trained model answers as it does with every slot."""
+    model, processor = load(name)
+    records = [datasets.sample("motion", "test", i, card(name)["seed"]) for i in range(24)]
+    clips = [[frames[0]] * len(frames) for _, frames in records]
+    asked = [record["question"] for record, _ in records]
+    stock, _ = generate_answers(model, processor, "motion", asked, clips, 6)
+    with tokred.patched(model, TemporalDedup()):
+        ours, _ = generate_answers(model, processor, "motion", asked, clips, 6)
+        patches = tokred.stats(model).encoder_patches
+    assert [8 * p for p in patches["frames"]] == patches["input"]
+    assert sum(a == b for a, b in zip(ours, stock, strict=True)) >= 0.9 * len(stock), (ours, stock)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers.cache_utils
 from torch import nn
 from transformers import AttentionInterface, Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -30,6 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 SEAMS = (
     "cache argument",
+    "cache layer",
     "output cache",
     "forward arguments",
     "attention implementation",
@@ -97,6 +99,14 @@ def output_cache(output: Any) -> Cache | None:
     if name is None:
         raise SeamError("output cache", f"{type(output).__name__} has no field {' or '.join(CACHE_NAMES)}")
     return output.get(name)
+
+
+def cache_layer() -> type:
+    """The base class of one layer of a transformers `Cache` (`CacheLayerMixin`), which tokred's KV cache extends."""
+    base = getattr(transformers.cache_utils, "CacheLayerMixin", None)
+    if not isinstance(base, type):
+        raise SeamError("cache layer", "transformers.cache_utils has no CacheLayerMixin")
+    return base
 
 
 # -- calls ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokred
-from tokred.demo.compare import STOCK, Run, kept_cells, merged_cells, recipe, stream
+from tokred.demo.compare import PRUNERS, STOCK, Run, kept_cells, merged_cells, recipe, stream
 from tokred.demo.media import EXAMPLES, example, medium, read
 from tokred.demo.overlay import overlay, strip
 from tokred.zoo.datasets import Media
@@ -124,7 +124,7 @@ def build_app(model, processor, warning: str | None = None, max_new_tokens: int 
                 )
                 question = gr.Textbox(first_record["question"], label="question")
                 with gr.Row():
-                    method = gr.Dropdown([STOCK, *sorted(tokred.METHODS)], value="fastv", label="method")
+                    method = gr.Dropdown([STOCK, *PRUNERS], value="fastv", label="method")
                     keep = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="keep ratio")
                     merge = gr.Checkbox(False, label="merge dropped tokens into kept ones")
                 with gr.Row():

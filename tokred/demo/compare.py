@@ -28,11 +28,17 @@ TASK = {"image": "shapes", "video": "motion"}
 """The synthetic task whose prompt format `tokred.zoo.prompts` uses for each medium."""
 
 
+PRUNERS = tuple(sorted(name for name, m in tokred.METHODS.items() if m.stage not in ("kv", "weights")))
+"""The method menu: the token stages' methods (KV schemes and weight bits have controls of their own)."""
+
+
 def recipe(method: str, keep: float, kv: str = "none", weights: str = "none", merge: bool = False) -> tokred.Config:
-    """The demo's recipe controls as what `tokred.patch` takes; ValueError naming the allowed values."""
-    if method != STOCK and method not in tokred.METHODS:
-        raise ValueError(f"unknown method {method!r}; methods are: {STOCK}, {', '.join(sorted(tokred.METHODS))}")
-    text = f"{method}:keep={float(keep)}" + (":merge=True" if merge else "")
+    """The demo's recipe controls as what `tokred.patch` takes (the keep ratio and merge go to methods with a
+    token budget); ValueError naming the allowed values."""
+    if method != STOCK and method not in PRUNERS:
+        raise ValueError(f"unknown method {method!r}; methods are: {STOCK}, {', '.join(PRUNERS)}")
+    budgeted = method != STOCK and issubclass(tokred.METHODS[method], tokred.TokenReducer)
+    text = f"{method}:keep={float(keep)}" + (":merge=True" if merge else "") if budgeted else method
     config = tokred.Config() if method == STOCK else tokred.Config.parse(text)
     return config.with_schemes(kv, weights)
 

@@ -1,14 +1,19 @@
-"""Low-bit KV caches for transformers VLMs: bit packing and group-wise quantization, the cache's bottom layer."""
+"""Low-bit KV caches for transformers VLMs: bit packing, group-wise quantization, and the cache built on them."""
 
+from tokred.kv.cache import FULL, QuantizedKVCache, QuantizedKVLayer, cache_for
 from tokred.kv.packing import BITS, pack, pack_codes, pack_ternary, per_byte, unpack, unpack_codes, unpack_ternary
 from tokred.kv.quant import AXES, TERNARY, WIDTHS, Quantized, code_levels, dequantize, quantize
 
 __all__ = [
     "AXES",
     "BITS",
+    "FULL",
     "TERNARY",
     "WIDTHS",
     "Quantized",
+    "QuantizedKVCache",
+    "QuantizedKVLayer",
+    "cache_for",
     "code_levels",
     "dequantize",
     "pack",

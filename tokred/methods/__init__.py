@@ -5,6 +5,7 @@ from tokred.methods.base import (
     STAGES,
     EncoderMerger,
     FrameFilter,
+    GroupedKV,
     KVScheme,
     LLMReducer,
     Method,
@@ -18,6 +19,8 @@ from tokred.methods.divprune import DivPrune
 from tokred.methods.dycoke import DyCoke
 from tokred.methods.fastv import FastV
 from tokred.methods.fastvid import FastVID
+from tokred.methods.int8 import Int8
+from tokred.methods.kivi import KIVI
 from tokred.methods.mustdrop import MustDrop
 from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
@@ -40,6 +43,9 @@ __all__ = [
     "FastVID",
     "EncoderMerger",
     "FrameFilter",
+    "GroupedKV",
+    "Int8",
+    "KIVI",
     "KVScheme",
     "LLMReducer",
     "Method",

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokred.kv.cache import FULL, QuantizedKVCache
 from tokred.methods.merging import fold_into_kept
 from tokred.tokens import Merge, VisionTokens
 
@@ -235,9 +236,14 @@ class LLMReducer(TokenReducer):
         return self.count(tokens)
 
 
+def _whole(value: object, least: int) -> bool:
+    """Whether `value` is an integer (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def check_layer(method: Method, field: str, value: object) -> None:
     """ValueError unless `value` (the method's `field`) is an LLM layer index: an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _whole(value, 0):
         raise ValueError(f"{type(method).__name__}.{field} must be an integer >= 0, got {value!r}")
 
 
@@ -259,6 +265,42 @@ class KVScheme(Method):
     def make_cache(self, config: Any) -> Any:
         """A transformers Cache for a model with this text config."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GroupedKV(KVScheme):
+    """A KV scheme that stores keys and values group-wise quantized (`tokred.kv.QuantizedKVCache`): `bits` a code,
+    a float16 scale and zero per `group` (None: a head's channels), the newest `residual` tokens exact. bits=16
+    quantizes nothing: the cache then holds what the model's own would, so the scheme is idle."""
+
+    bits: int = 8
+    group: int | None = None
+    residual: int = 0
+
+    widths: ClassVar[tuple[int, ...]]
+    """The code widths the scheme allows (16, the idle setting, besides)."""
+    key_axis: ClassVar[str]
+    value_axis: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.bits, bool) or self.bits not in (*self.widths, FULL):
+            allowed = ", ".join(map(str, self.widths))
+            raise ValueError(f"{name}.bits must be one of {allowed} (or {FULL}: not quantized), got {self.bits!r}")
+        if self.group is not None and not _whole(self.group, 1):
+            raise ValueError(f"{name}.group must be an integer >= 1 (or None: a head's channels), got {self.group!r}")
+        if not _whole(self.residual, 0):
+            raise ValueError(f"{name}.residual must be an integer >= 0 (tokens kept exact), got {self.residual!r}")
+
+    @property
+    def idle(self) -> bool:
+        return self.bits == FULL
+
+    def as_idle(self) -> GroupedKV:
+        return dataclasses.replace(self, bits=FULL)
+
+    def make_cache(self, config: Any) -> QuantizedKVCache:
+        return QuantizedKVCache(config, self.bits, self.key_axis, self.value_axis, self.group, self.residual)
 
 
 @dataclass(frozen=True)

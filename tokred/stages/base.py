@@ -7,7 +7,7 @@ flight. Everything about one call lives in that `Call`, so a stage object carrie
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tokred.adapters.base import Adapter
 from tokred.methods.base import Method
@@ -28,6 +28,9 @@ class Stage:
     def install(self) -> list[Callable[[], None]]:
         """Hooks this stage needs beyond the session's own; returns their undo callbacks."""
         return []
+
+    def generate(self, kwargs: dict[str, Any]) -> None:
+        """A generate() call starts: adjust its keyword arguments (the kv stage passes its cache)."""
 
     def prefill(self, call: Call) -> None:
         """A call starting from an empty cache that holds vision tokens: choose and cut (or arm for later)."""

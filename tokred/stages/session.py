@@ -71,12 +71,15 @@ class Session:
             self._undo.pop()()
 
     def _wrap_generate(self) -> Callable[[], None]:
-        """Mark the span of each generate() call: its prompt is selected once, whether or not it uses a cache."""
+        """Mark the span of each generate() call (its prompt is selected once, whether or not it uses a cache) and
+        let each stage adjust its arguments."""
         model = self.adapter.model
         stock = model.generate
 
         @functools.wraps(stock)
         def generate(*args, **kwargs):
+            for stage in self.stages:
+                stage.generate(kwargs)
             outer, self.generating, self.prompt = self.generating, True, None
             try:
                 return stock(*args, **kwargs)
