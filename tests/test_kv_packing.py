@@ -304,3 +304,8 @@ def test_imports_and_falls_back_without_triton(monkeypatch):
     assert torch.equal(got.packed, quantize(x, 2, 8, "token").packed)
     with pytest.raises(RuntimeError, match="triton is not installed"):
         fresh["tokred.kernels.kv_pack"].quantize_pack(x, 2, 8, backend="triton")
+
+
+def test_an_empty_block_quantizes_to_an_empty_store():
+    q = quantize(torch.zeros(2, 0, 16), 2, 4, "token")
+    assert q.packed.shape == (2, 0, 4) and dequantize(q).shape == (2, 0, 16)

@@ -39,7 +39,7 @@ def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
     weights = _digit_weights(levels, codes.device)
     per = len(weights)
     digits = F.pad(codes.to(torch.int32), (0, -codes.shape[-1] % per))
-    digits = digits.view(*digits.shape[:-1], -1, per)
+    digits = digits.reshape(*digits.shape[:-1], digits.shape[-1] // per, per)  # reshape: a zero-size lead has no -1
     return (digits * weights).sum(-1).to(torch.uint8)
 
 
