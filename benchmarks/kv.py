@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import time
@@ -48,7 +47,7 @@ import torch
 import transformers
 from torch.nn import functional as F
 from transformers import Cache, LogitsProcessorList, PreTrainedModel, ProcessorMixin, QuantizedCache
-from video import default_checkpoint
+from video import default_checkpoint, finish
 
 import tokred
 from tokred import compat
@@ -462,14 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
     else:
         sections.append("no CUDA device: the decode-attention kernel vs SDPA comparison (8k-128k tokens) was skipped")
-    report["load_average"] = {"start": load_before, "end": os.getloadavg()}
-    report["runtime_s"] = time.perf_counter() - began
-    text = "\n\n".join(s for s in sections if s)
-    (args.out / "kv.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "kv.md").write_text(text + "\n")
-    print(text)
-    print(f"wrote {args.out}/kv.json, kv.md ({report['runtime_s']:.0f} s)")
-    return report
+    return finish(report, sections, args.out / "kv", began, load_before)
 
 
 if __name__ == "__main__":

@@ -225,13 +225,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sections += ["### Qwen2.5-VL-7B architecture, random bf16 weights, 64 frames of 448x448", table(report["gpu"])]
     else:
         sections.append("no CUDA device: the Qwen2.5-VL-7B-architecture run (64 frames of 448x448) was skipped")
+    return finish(report, sections, args.out / "video", began, load_before)
+
+
+def finish(report: dict[str, Any], sections: list[str], stem: Path, began: float, load_before: tuple) -> dict[str, Any]:
+    """Add the load average and runtime to `report`, write it to ``<stem>.json`` and its sections (the empty ones
+    left out) to ``<stem>.md``, print them and return the report."""
     report["load_average"] = {"start": load_before, "end": os.getloadavg()}
     report["runtime_s"] = time.perf_counter() - began
     text = "\n\n".join(s for s in sections if s)
-    (args.out / "video.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "video.md").write_text(text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
     print(text)
-    print(f"wrote {args.out}/video.json, video.md ({report['runtime_s']:.0f} s)")
+    print(f"wrote {stem}.json, {stem.name}.md ({report['runtime_s']:.0f} s)")
     return report
 
 
