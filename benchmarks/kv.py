@@ -68,8 +68,6 @@ BACKENDS: dict[str, tuple[str | None, dict[str, int]]] = {
 }
 """transformers' QuantizedCache backends: the module each needs and its axes (quanto 0 and HQQ 1 both group
 `q_group_size` consecutive channels of one token, keys and values alike); fp8 scales per tensor, no options."""
-QUANTIZED_STATES = ("_quantized_keys", "_quantized_values")
-"""Where a transformers QuantizedCache layer keeps its quantized states (`tokred.measure.kv_bytes` skips them)."""
 
 # Qwen2.5-VL-7B's decode attention; random bf16 keys, values and queries.
 LAYERS, KV_HEADS, GROUP_HEADS, DIM, DTYPE = 28, 4, 7, 128, torch.bfloat16
@@ -144,22 +142,9 @@ def checkpoints(tasks: list[str], given: str | None) -> dict[str, tuple[str, str
     return chosen
 
 
-def tensor_bytes(held: Any) -> int:
-    """Bytes of every tensor in `held`: a tensor (a quantized subclass: its inner tensors), or a tuple, list or
-    dict of them."""
-    if isinstance(held, torch.Tensor):
-        if hasattr(held, "__tensor_flatten__"):
-            return sum(tensor_bytes(getattr(held, name)) for name in held.__tensor_flatten__()[0])
-        return held.numel() * held.element_size()
-    if isinstance(held, dict):
-        held = list(held.values())
-    return sum(tensor_bytes(h) for h in held) if isinstance(held, (list, tuple)) else 0
-
-
 def cache_cost(cache: Cache, config: Any, batch: int) -> dict[str, float]:
     """Bytes held per question, bits per cached key or value element all in, and tokens cached per question."""
-    quantized = [getattr(layer, state, None) for layer in cache.layers for state in QUANTIZED_STATES]
-    nbytes = kv_bytes(cache) + tensor_bytes(quantized)
+    nbytes = kv_bytes(cache)
     tokens = [layer.get_seq_length() for layer in cache.layers]
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     elements = 2 * batch * heads * head_dim(config) * sum(tokens)
@@ -221,8 +206,8 @@ def transformers_rows(
     model: PreTrainedModel, processor: ProcessorMixin, task: str, runs: list[Run], stock: dict, args: argparse.Namespace
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Eval rows of transformers' caches on `task`, one evaluate call each under its generation config, with
-    accuracy relative to and agreement with the `stock` row (no answer KL: evaluate compares within one call;
-    `kv_bytes` None: Row.kv_bytes misses their quantized store); and the runs that failed, each with its error."""
+    accuracy relative to and agreement with the `stock` row (no answer KL: evaluate compares within one call);
+    and the runs that failed, each with its error."""
     rows, failed = {}, {}
     for run in runs:
         try:
@@ -234,7 +219,7 @@ def transformers_rows(
             continue
         row.agreement = statistics.mean(a == b for a, b in zip(row.answers, stock["answers"], strict=True))
         row.relative_accuracy = row.accuracy / stock["accuracy"] if stock["accuracy"] else None
-        rows[run.name] = row.as_dict() | {"kv_bytes": None}
+        rows[run.name] = row.as_dict()
     return rows, failed
 
 

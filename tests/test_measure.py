@@ -39,3 +39,17 @@ def test_the_step_clock_ticks_once_per_new_token(tiny):
         logits_processor=LogitsProcessorList([clock]),
     )
     assert len(clock.ticks) == 5 and clock.ticks == sorted(clock.ticks)
+
+
+def test_kv_bytes_counts_every_tensor_a_cache_layer_holds():
+    """A cache without its own count: every tensor its layers hold, a quantized store's inner tensors included."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tokred.measure import kv_bytes
+
+    keys, values = torch.zeros(2, 3, 4, dtype=torch.bfloat16), torch.zeros(2, 3, 4, dtype=torch.bfloat16)
+    store = (torch.zeros(5, dtype=torch.uint8), {"scale": torch.zeros(2, dtype=torch.float16)})
+    layer = SimpleNamespace(keys=keys, values=values, _quantized_keys=store, is_initialized=True)
+    assert kv_bytes(SimpleNamespace(layers=[layer, layer])) == 2 * (2 * 24 * 2 + 5 + 4)

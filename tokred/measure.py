@@ -26,13 +26,21 @@ class StepClock(LogitsProcessor):
 
 def kv_bytes(cache: Any) -> int:
     """Bytes a KV cache holds: what it reports itself (``cache.nbytes()``, so a packed low-bit cache counts its
-    codes and scales), else the sum of its layers' key and value tensors (transformers' own caches)."""
+    codes and scales), else every tensor its layers hold (transformers' own caches, the quantized store of its
+    QuantizedCache included)."""
     reported = getattr(cache, "nbytes", None)
     if callable(reported):
         return int(reported())
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(tensor_bytes(vars(layer)) for layer in getattr(cache, "layers", ()))
+
+
+def tensor_bytes(held: Any) -> int:
+    """Bytes of every tensor in `held`: a tensor (of a quantized subclass: its inner tensors), or a tuple, list or
+    dict of them; anything else holds none."""
+    if isinstance(held, torch.Tensor):
+        if hasattr(held, "__tensor_flatten__"):
+            return sum(tensor_bytes(getattr(held, name)) for name in held.__tensor_flatten__()[0])
+        return held.numel() * held.element_size()
+    if isinstance(held, dict):
+        held = list(held.values())
+    return sum(tensor_bytes(h) for h in held) if isinstance(held, (list, tuple)) else 0
