@@ -47,8 +47,6 @@ def test_kv_bytes_counts_every_tensor_a_cache_layer_holds():
 
     import torch
 
-    from tokred.measure import kv_bytes
-
     keys, values = torch.zeros(2, 3, 4, dtype=torch.bfloat16), torch.zeros(2, 3, 4, dtype=torch.bfloat16)
     store = (torch.zeros(5, dtype=torch.uint8), {"scale": torch.zeros(2, dtype=torch.float16)})
     layer = SimpleNamespace(keys=keys, values=values, _quantized_keys=store, is_initialized=True)
