@@ -200,7 +200,18 @@ def test_images_pass_untouched(qwen):
         assert tokred.stats(qwen.model).encoder_patches == {}
 
 
-MOTION_QWEN = [n for n in available() if "motion" in card(n)["tasks"] and card(n)["family"] in QWEN]
+STATIC_ANSWERS_SHIFT = {
+    "shapes-motion-qwen2_5_vl": "at 47.5 % on MotionVQA its answers about a scene that never moves (every question "
+    "presumes motion) are guesses that shift with the token count: 15 of 24 stand with one slot in eight",
+}
+"""Shipped checkpoints whose answers about a still scene are known to move under temporal_dedup, and why."""
+MOTION_QWEN = [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STATIC_ANSWERS_SHIFT[n]))
+    if n in STATIC_ANSWERS_SHIFT
+    else n
+    for n in available()
+    if "motion" in card(n)["tasks"] and card(n)["family"] in QWEN
+]
 
 
 @pytest.mark.parametrize("name", MOTION_QWEN)
