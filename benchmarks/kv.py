@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
+from prefill import finish, start
 from torch.nn import functional as F
 from transformers import Cache, LogitsProcessorList, PreTrainedModel, ProcessorMixin, QuantizedCache
-from video import default_checkpoint, finish
+from video import default_checkpoint
 
 import tokred
 from tokred import compat
@@ -403,11 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bandwidth", type=float, help=BANDWIDTH_HELP)
     parser.add_argument("--out", type=Path, default=Path("results/kv"))
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    began, load_before = time.perf_counter(), os.getloadavg()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
+    began, load_before = start(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = checkpoints(args.tasks, args.checkpoint)
     report: dict[str, Any] = {"environment": environment(), "tasks": {}, "not_run": {}}

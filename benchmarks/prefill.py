@@ -457,11 +457,32 @@ def build_report(
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    began, load = time.perf_counter(), os.getloadavg()
+def start(threads: int | None = None) -> tuple[float, tuple[float, float, float]]:
+    """A benchmark run's common start: torch's CPU threads (where given), quiet transformers, seed 0; returns
+    the start time and the load averages then (other work on the machine skews timings)."""
+    if threads:
+        torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
+    return time.perf_counter(), os.getloadavg()
+
+
+def finish(report: dict[str, Any], sections: list[str], stem: Path, began: float, load_before: tuple) -> dict[str, Any]:
+    """Add the load average and runtime to `report`, write it to ``<stem>.json`` and its sections (the empty ones
+    left out) to ``<stem>.md``, print them and return the report."""
+    report["load_average"] = {"start": load_before, "end": os.getloadavg()}
+    report["runtime_s"] = time.perf_counter() - began
+    text = "\n\n".join(s for s in sections if s)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    print(f"wrote {stem}.json, {stem.name}.md ({report['runtime_s']:.0f} s)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    began, load = start()
     model, inputs, described = setup(args)
     results = measure(model, inputs, [STOCK, *args.configs], args.repeats, args.warmup)
     summary = summarise(results, model.config.text_config.num_hidden_layers)

@@ -25,9 +25,7 @@ import os
 import time
 from pathlib import Path
 
-import torch
-import transformers
-from prefill import STOCK, measure, summarise
+from prefill import STOCK, measure, start, summarise
 
 import tokred
 from tokred.eval import evaluate, grid, questions
@@ -143,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--out", type=Path, default=Path("results/quality"))
     args = parser.parse_args(argv)
-    began, load_before = time.perf_counter(), os.getloadavg()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
+    began, load_before = start()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"environment": environment(), "keeps": args.keeps, "limit": args.limit, "checkpoints": {}}
     sections = []

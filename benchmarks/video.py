@@ -24,23 +24,21 @@ On CPU only ratios are results (absolute times are not comparable figures).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from prefill import (
     QWEN2_5_VL_7B_TEXT,
     QWEN2_5_VL_7B_VISION,
     STOCK,
+    finish,
     measure,
     qwen2_5_vl_config,
     random_model,
+    start,
     summarise,
     synthetic_video_inputs,
 )
@@ -204,11 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    began, load_before = time.perf_counter(), os.getloadavg()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
+    began, load_before = start(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     name, note = (args.checkpoint, None) if args.checkpoint else default_checkpoint()
     texts, refused = recipes(args.methods, args.keeps, args.thresholds)
@@ -226,19 +220,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         sections.append("no CUDA device: the Qwen2.5-VL-7B-architecture run (64 frames of 448x448) was skipped")
     return finish(report, sections, args.out / "video", began, load_before)
-
-
-def finish(report: dict[str, Any], sections: list[str], stem: Path, began: float, load_before: tuple) -> dict[str, Any]:
-    """Add the load average and runtime to `report`, write it to ``<stem>.json`` and its sections (the empty ones
-    left out) to ``<stem>.md``, print them and return the report."""
-    report["load_average"] = {"start": load_before, "end": os.getloadavg()}
-    report["runtime_s"] = time.perf_counter() - began
-    text = "\n\n".join(s for s in sections if s)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text + "\n")
-    print(text)
-    print(f"wrote {stem}.json, {stem.name}.md ({report['runtime_s']:.0f} s)")
-    return report
 
 
 if __name__ == "__main__":
