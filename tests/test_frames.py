@@ -228,3 +228,22 @@ def test_a_trained_models_answers_about_a_static_scene_stand(name):
         patches = tokred.stats(model).encoder_patches
     assert [8 * p for p in patches["frames"]] == patches["input"]
     assert sum(a == b for a, b in zip(ours, stock, strict=True)) >= 0.9 * len(stock), (ours, stock)
+
+
+def test_a_tower_call_that_fails_leaves_no_cut_behind(qwen):
+    """The tower's cut is dropped even when its forward raises, so the next (image) call runs as stock."""
+    inputs, image = video_inputs(qwen, [clip(8, {})]), qwen.image()
+    stock = qwen.model(**image).logits
+    block = qwen.model.model.visual.blocks[-1]
+
+    def fail(module, args, kwargs):
+        raise RuntimeError("a failing block")
+
+    with tokred.patched(qwen.model, TemporalDedup()):
+        handle = block.register_forward_pre_hook(fail, with_kwargs=True)
+        try:
+            with pytest.raises(RuntimeError, match="a failing block"):
+                qwen.model(**inputs)
+        finally:
+            handle.remove()
+        assert torch.equal(qwen.model(**image).logits, stock)

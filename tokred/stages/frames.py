@@ -57,6 +57,7 @@ class RaggedTower:
         self.method, self.adapter = method, adapter
         self.armed: torch.Tensor | None = None  # the grid of the get_video_features call in flight
         self.plan: Plan | None = None
+        self.encoding: list[torch.Tensor] = []  # the masks of the tower call in flight, pending once it succeeds
         self.pending: list[torch.Tensor] = []  # per video encoded, in order: (tokens,) bool, raster order
 
     def install(self) -> list[Callable[[], None]]:
@@ -64,7 +65,7 @@ class RaggedTower:
         undo = [
             compat.wrap_media_features(self.adapter.outer, "video", self._arm),
             tower.register_forward_pre_hook(self._before_tower, with_kwargs=True).remove,
-            tower.register_forward_hook(self._after_tower).remove,
+            tower.register_forward_hook(self._after_tower, always_call=True).remove,  # also when it raises
         ]
         undo += [
             b.register_forward_pre_hook(self._before_block, with_kwargs=True).remove for b in self.adapter.vision_blocks
@@ -92,7 +93,7 @@ class RaggedTower:
             kept.append(mask.reshape(-1))
             sources.append(last_kept(mask).reshape(-1) + at)
             at += t * m
-        self.pending += kept
+        self.encoding = kept
         keep, source = torch.cat(kept), torch.cat(sources)
         if bool(keep.all()):
             return
@@ -106,7 +107,10 @@ class RaggedTower:
         self.plan = Plan(patch_keep, before, rank[source], {})
 
     def _after_tower(self, module, args, output) -> None:
-        self.plan = None
+        """The tower call ended: its masks wait for the prefill if it returned (output None: it raised)."""
+        if output is not None:
+            self.pending += self.encoding
+        self.plan, self.encoding = None, []
 
     def _before_block(self, module, args: tuple, kwargs: dict[str, Any]):
         if self.plan is None:
