@@ -82,9 +82,7 @@ class TokenReducer(Method):
             raise ValueError(f"{name}.keep must be in (0, 1] or 'auto', got {self.keep!r}")
         elif (self.mass, self.keep_min, self.keep_max) != (0.9, 0.05, 1.0):
             raise ValueError(f"{name}: mass, keep_min and keep_max apply only with keep='auto', got keep={self.keep}")
-        if self.keep_tokens is not None and (
-            isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int) or self.keep_tokens < 1
-        ):
+        if self.keep_tokens is not None and not _whole(self.keep_tokens, 1):
             raise ValueError(f"{name}.keep_tokens must be an integer >= 1, got {self.keep_tokens!r}")
 
     def _check_auto(self) -> None:
