@@ -178,10 +178,10 @@ def test_default_tasks_are_those_the_family_takes(tmp_path):
 def test_a_failing_task_keeps_the_finished_results(checkpoint, tmp_path, capsys, monkeypatch, error):
     answers = tokred.eval.runner._answers
 
-    def motion_fails(model, processor, task, *args):
-        if task == "motion":
+    def motion_fails(model, processor, asks, *args):
+        if asks.name == "motion":
             raise error("boom")
-        return answers(model, processor, task, *args)
+        return answers(model, processor, asks, *args)
 
     monkeypatch.setattr(tokred.eval.runner, "_answers", motion_fails)
     out = tmp_path / "out"

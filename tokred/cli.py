@@ -124,7 +124,15 @@ def evaluate(args: argparse.Namespace) -> None:
     for i, task in enumerate(tasks):
         try:
             rows += evaluate(
-                model, processor, settings, [task], limit=args.limit, batch_size=args.batch_size, seed=args.seed
+                model,
+                processor,
+                settings,
+                [task],
+                limit=args.limit,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                frames=args.frames,
+                max_pixels=args.max_pixels,
             )
         except Exception as error:
             saved = f"the results of {', '.join(tasks[:i])} are in {args.out}" if i else "nothing was written"
@@ -221,9 +229,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_parser.add_argument(
         "--tasks",
         nargs="+",
-        help="tasks (default: the checkpoint card's, else the local tasks its family takes; lmms-eval: tokred_shapes)",
+        help="tasks: shapes, motion, or a local dataset's directory holding a questions.jsonl (default: the "
+        "checkpoint card's, else the local tasks its family takes; lmms-eval: tokred_shapes)",
     )
-    eval_parser.add_argument("--limit", type=int, help="questions per task (default 200)")
+    eval_parser.add_argument(
+        "--frames", type=int, default=16, help="frames sampled evenly from each video of a local dataset"
+    )
+    eval_parser.add_argument("--max-pixels", type=int, help="resize a local dataset's video frames to at most this")
+    eval_parser.add_argument("--limit", type=int, help="questions per task (default 200; a local dataset: all)")
     eval_parser.add_argument("--batch-size", type=int, default=8)
     eval_parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     eval_parser.add_argument("--seed", type=int, default=0, help="data seed of the local tasks")

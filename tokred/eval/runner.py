@@ -19,10 +19,11 @@ from transformers import LogitsProcessorList
 
 import tokred
 from tokred import compat
-from tokred.eval.tasks import Question, check, questions
+from tokred.eval.local import DEFAULT_FRAMES
+from tokred.eval.tasks import Question, check, kind, questions
 from tokred.measure import StepClock, kv_bytes
 from tokred.zoo.datasets.cells import target_tokens
-from tokred.zoo.prompts import generate_answers
+from tokred.zoo.prompts import Kind, generate_answers
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,12 @@ def evaluate(
     max_new_tokens: int = 8,
     seed: int = 0,
     progress: bool = True,
+    frames: int = DEFAULT_FRAMES,
+    max_pixels: int | None = None,
 ) -> list[Row]:
-    """Rows for every (task, setting): the same questions, batches and greedy decoding for each setting."""
+    """Rows for every (task, setting): the same questions, batches and greedy decoding for each setting. A task is
+    a synthetic task's name or a local dataset's directory (`tokred.eval.local`), whose videos are sampled to
+    `frames` frames of at most `max_pixels` pixels."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for task in tasks:
@@ -124,7 +129,7 @@ def evaluate(
     drawn = progress and bars()
     rows = []
     for task in tasks:
-        items = questions(task, limit, seed)
+        items = questions(task, limit, seed, frames=frames, max_pixels=max_pixels)
         batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         bar = tqdm(total=len(batches) * len(settings), desc=task, disable=not drawn, unit="batch")
         stock: tuple[Row, torch.Tensor] | None = None
@@ -169,15 +174,16 @@ def _run(
     small: list[bool] = []
     logprobs: list[torch.Tensor] = []
     recall: dict[str, list[int]] = {}  # stage -> [target tokens kept, target tokens]
+    asks = kind(task)
     ttft, decode_steps, decode_time = [], 0, 0.0
     with tokred.patched(model, setting.config):
-        _answers(model, processor, task, batches[0][:1], max_new_tokens)  # warm-up, not measured
+        _answers(model, processor, asks, batches[0][:1], max_new_tokens)  # warm-up, not measured
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         for batch in batches:
             clock = StepClock()
             start = time.perf_counter()
-            answers, out = _answers(model, processor, task, batch, max_new_tokens, clock)
+            answers, out = _answers(model, processor, asks, batch, max_new_tokens, clock)
             ttft.append(clock.ticks[0] - start)
             decode_steps += (len(clock.ticks) - 1) * len(batch)
             decode_time += clock.ticks[-1] - clock.ticks[0]
@@ -226,7 +232,7 @@ def target_counts(stats: tokred.Stats, batch: list[Question]) -> dict[str, tuple
     counts: dict[str, list[int]] = {stage: [0, 0] for stage in stats.kept_positions}
     for b, question in enumerate(batch):
         media = stats.media[b]
-        if len(media) != 1 or media[0][1] is None or not question.record["targets"]:
+        if len(media) != 1 or media[0][1] is None or not question.record.get("targets"):
             continue
         grid, frames = media[0][1], question.media if isinstance(question.media, list) else [question.media]
         size = frames[0].width
@@ -239,14 +245,14 @@ def target_counts(stats: tokred.Stats, batch: list[Question]) -> dict[str, tuple
     return {stage: (kept, total) for stage, (kept, total) in counts.items()}
 
 
-def _answers(model, processor, task: str, batch: list[Question], max_new_tokens: int, clock=None):
+def _answers(model, processor, asks: Kind, batch: list[Question], max_new_tokens: int, clock=None):
     """Greedy answers (each the task answer its output starts with, `leading_answer`) and generate()'s output
     (with the logits; decoding runs on for `max_new_tokens`, which the decode timings measure)."""
     processors = LogitsProcessorList([clock] if clock else [])
     return generate_answers(
         model,
         processor,
-        task,
+        asks,
         [q.record["question"] for q in batch],
         [q.media for q in batch],
         max_new_tokens,

@@ -1,4 +1,5 @@
-"""Local evaluation tasks: tokred's synthetic benchmarks, written once to disk and read back from files.
+"""Local evaluation tasks: tokred's synthetic benchmarks, written once to disk and read back from files, and local
+datasets of the user's own images or videos (`tokred.eval.local`: a directory path stands for its dataset).
 
 The runner and the lmms-eval plugin read the same jsonl and PNG files, so both score the same questions.
 Files live under ``$TOKRED_CACHE/data/seed<seed>/<task>/`` (default root ``~/.cache/tokred``) and are
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokred.adapters import adapter_class
+from tokred.eval.local import DEFAULT_FRAMES, LocalDataset, is_local
+from tokred.video import Video
 from tokred.zoo import datasets
 from tokred.zoo.builders import cache_root
-from tokred.zoo.prompts import MEDIA
+from tokred.zoo.prompts import MEDIA, Kind, kind_of
 
 LOCAL_TASKS: tuple[str, ...] = tuple(datasets.KINDS)
 """Tasks that run offline from tokred's own data: ``("shapes", "motion")``."""
@@ -29,7 +32,7 @@ class Question:
     """One test question: its record (question, answer, type, ...) and its image or frames."""
 
     record: dict
-    media: datasets.Media
+    media: datasets.Media | Video
 
     @property
     def answer(self) -> str:
@@ -56,15 +59,32 @@ def ensure(task: str, n: int = DEFAULT_QUESTIONS, seed: int = 0, root: str | os.
 
 
 def questions(
-    task: str, limit: int | None = None, seed: int = 0, root: str | os.PathLike | None = None
+    task: str,
+    limit: int | None = None,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    *,
+    frames: int = DEFAULT_FRAMES,
+    max_pixels: int | None = None,
 ) -> list[Question]:
-    """The first ``limit`` (default 200) test questions of a local task, read from its files."""
+    """The first ``limit`` (default 200) test questions of a local task, read from its files; for a local dataset
+    (a directory path) its first ``limit`` records (default all), videos sampled to ``frames`` frames."""
     n = DEFAULT_QUESTIONS if limit is None else limit
     if n < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if is_local(task):
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1 (frames sampled from each video), got {frames}")
+        data = LocalDataset.open(task)
+        return [Question(r, data.media(r, frames, max_pixels)) for r in data.records[: limit or len(data.records)]]
     directory = ensure(task, n, seed, root)
     records = datasets.load(task, directory.parent, "test")[:n]
     return [Question(r, datasets.open_media(task, directory.parent, r)) for r in records]
+
+
+def kind(task: str) -> Kind:
+    """What prompts and scoring need of a task (a synthetic task's name or a local dataset's directory)."""
+    return LocalDataset.open(task).kind if is_local(task) else kind_of(task)
 
 
 def takes(family: str) -> tuple[str, ...]:
@@ -74,11 +94,18 @@ def takes(family: str) -> tuple[str, ...]:
 
 
 def check(task: str, family: str | None = None) -> str:
-    """``task`` if it is a local task (that a ``family`` checkpoint can run, when given), else a ValueError."""
+    """``task`` if it is a local task or a local dataset's directory (that a ``family`` checkpoint can run, when
+    given), else a ValueError."""
+    if is_local(task):
+        medium = LocalDataset.open(task).kind.medium
+        if family is not None and medium == "video" and not adapter_class(family).takes_video:
+            raise ValueError(f"local dataset {task!r} asks about videos, which {family} checkpoints do not take")
+        return task
     if task not in LOCAL_TASKS:
         raise ValueError(
-            f"unknown local task {task!r}; local tasks are: {', '.join(LOCAL_TASKS)} "
-            "(standard benchmarks such as mme or videomme run with --backend lmms-eval)"
+            f"unknown local task {task!r}; local tasks are: {', '.join(LOCAL_TASKS)}, or a directory holding a "
+            "questions.jsonl (tokred.eval.local); standard benchmarks such as mme or videomme run with "
+            "--backend lmms-eval"
         )
     if family is not None and task not in takes(family):
         raise ValueError(

@@ -3,35 +3,64 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from tokred.video import Video
 from tokred.zoo.datasets import ANSWERS
 
 MEDIA = {"shapes": "image", "motion": "video"}
 """The medium of each synthetic task: ShapesVQA asks about images, MotionVQA about clips."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What prompts and scoring need of a task: its medium ("image" or "video") and its answer vocabulary. The
+    synthetic tasks are named by a string; a local dataset (`tokred.eval.local`) brings its own Kind."""
+
+    name: str
+    medium: str
+    answers: tuple[str, ...]
+
+
+def kind_of(kind: str | Kind) -> Kind:
+    """`kind` as a Kind: a synthetic task's name gives its medium and `datasets.ANSWERS`."""
+    return kind if isinstance(kind, Kind) else Kind(kind, MEDIA[kind], tuple(ANSWERS[kind]))
+
+
 FPS = 2.0
 """The frame rate clips are given to processors at (without one, transformers assumes 24 fps, so Qwen's M-RoPE
 time steps between two-frame patches round to 0); 2 fps is also what qwen_vl_utils, and with it lmms-eval's Qwen
 classes, gives frame lists."""
 
 
-def chat(processor, kind: str, question: str, first: bool = True) -> str:
+def chat(processor, kind: str | Kind, question: str, first: bool = True) -> str:
     """The family's prompt for one user turn, ending with the assistant's prefix; the first turn holds the media."""
-    content = [{"type": MEDIA[kind]}] if first else []
+    content = [{"type": kind_of(kind).medium}] if first else []
     content.append({"type": "text", "text": question})
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def media_inputs(processor, kind: str, texts: list[str], media: list) -> dict:
-    """Processor inputs (left-padded batch) for texts that each hold one image or clip of the task's medium."""
-    if MEDIA[kind] == "image":
+def media_inputs(processor, kind: str | Kind, texts: list[str], media: list) -> dict:
+    """Processor inputs (left-padded batch) for texts that each hold one image or clip of the task's medium. A
+    clip is a list of frames (given at `FPS`) or a `tokred.video.Video` (its frames at their own times)."""
+    if kind_of(kind).medium == "image":
         return processor(text=texts, images=media, return_tensors="pt", padding=True)
-    metadata = [{"fps": FPS, "frames_indices": list(range(len(clip))), "total_num_frames": len(clip)} for clip in media]
-    return processor(text=texts, videos=media, video_metadata=metadata, return_tensors="pt", padding=True)
+    clips = [clip.frames if isinstance(clip, Video) else clip for clip in media]
+    metadata = [
+        clip.metadata
+        if isinstance(clip, Video)
+        else {"fps": FPS, "frames_indices": list(range(len(clip))), "total_num_frames": len(clip)}
+        for clip in media
+    ]
+    return processor(
+        text=texts, videos=clips, video_metadata=metadata, do_sample_frames=False, return_tensors="pt", padding=True
+    )
 
 
 def generate_answers(
-    model, processor, kind: str, questions: list[str], media: list, max_new_tokens: int, **generate_kwargs
+    model, processor, kind: str | Kind, questions: list[str], media: list, max_new_tokens: int, **generate_kwargs
 ) -> tuple[list[str], object]:
     """Greedy answers to the questions' first-turn prompts (each `leading_answer` of its continuation) and
     generate()'s output."""
@@ -46,10 +75,10 @@ def generate_answers(
     return [leading_answer(text, kind) for text in texts], out
 
 
-def leading_answer(text: str, kind: str) -> str:
-    """The answer a model's output gives: the longest of the task's answers (`datasets.ANSWERS`) the output
+def leading_answer(text: str, kind: str | Kind) -> str:
+    """The answer a model's output gives: the longest of the task's answers (`Kind.answers`) the output
     starts with, else its first line, stripped. What follows an answer (the end of the turn, or junk where a
     cut left the model unsure when to stop) is not part of it."""
     text = text.strip()
-    found = [a for a in ANSWERS[kind] if text.startswith(a)]
+    found = [a for a in kind_of(kind).answers if text.startswith(a)]
     return max(found, key=len) if found else text.split("\n")[0].strip()
