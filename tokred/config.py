@@ -49,6 +49,7 @@ class Config:
             by_stage[method.stage] = method
         methods = {s: by_stage[s] for s in STAGES if s in by_stage}
         _check_tower_readers(methods)
+        _check_decode_pruning(methods)
         object.__setattr__(self, "prune", tuple(m for s, m in methods.items() if s not in ("kv", "weights")))
         object.__setattr__(self, "kv", methods.get("kv"))
         object.__setattr__(self, "weights", methods.get("weights"))
@@ -88,6 +89,23 @@ def _check_tower_readers(methods: dict[str, Method]) -> None:
         )
 
 
+def _check_decode_pruning(methods: dict[str, Method]) -> None:
+    """A pre_llm method that prunes the cache while decoding gathers each step's keys and values from every layer's
+    whole cache: refuse an llm method beside it (the layers after its cut hold fewer tokens) and a kv scheme (whose
+    decode attention reads its packed cache in place)."""
+    first = methods.get("pre_llm")
+    if not getattr(first, "prunes_decode", False):
+        return
+    for stage, what in (("llm", "cuts the cache inside the LLM"), ("kv", "reads its quantized cache in place")):
+        other = methods.get(stage)
+        if other is not None and not other.idle:
+            raise ValueError(
+                f"{first.name} with decode pruning (decode_keep < 1) gathers every layer's keys and values from its "
+                f"whole cache at each decode step, so {other.name} (which {what}) cannot go with it; use one or "
+                "the other"
+            )
+
+
 def _method_text(method: Method) -> str:
     defaults = type(method)()
     changed = [
@@ -109,13 +127,13 @@ def _parse_method(text: str, stage: str | None = None) -> Method:
             f"methods are: {', '.join(sorted(METHODS))} (written name:field=value:..., joined by +)"
         )
     method = METHODS[name]
-    fields = [f.name for f in dataclasses.fields(method)]
+    fields = {f.name: f for f in dataclasses.fields(method)}
     values = {}
     for assignment in assignments:
         key, equals, value = assignment.partition("=")
         if key not in fields or not equals:
             raise ValueError(f"{name} has no field {key!r} (in {text!r}); its fields are: {', '.join(fields)}")
-        values[key] = _value(value)
+        values[key] = _value(value, tuples="tuple" in str(fields[key].type))
     return method(**values)
 
 
@@ -124,10 +142,11 @@ def _text(value: object) -> str:
     return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def _value(text: str) -> bool | int | float | None | str | tuple:
-    """A field value as written: ``True``/``False``, an integer, a number, ``None``, items joined by ``/`` (a
-    tuple of such values), else the text itself (the method validates it)."""
-    if "/" in text:
+def _value(text: str, tuples: bool = False) -> bool | int | float | None | str | tuple:
+    """A field value as written: ``True``/``False``, an integer, a number, ``None``, for a field that holds a
+    tuple items joined by ``/`` (a tuple of such values), else the text itself (a path keeps its slashes; the
+    method validates it)."""
+    if tuples and "/" in text:
         return tuple(_value(item) for item in text.split("/"))
     if text in _WORDS:
         return _WORDS[text]

@@ -12,7 +12,8 @@ class Stats:
     """Measured, never nominal.
 
     vision_tokens: "input", then each stage that ran, mapped to the vision tokens per sample after it (an llm
-    method that cuts several times records each earlier cut as "llm@K", K its layer, and the last as "llm").
+    method that cuts several times records each earlier cut as "llm@K", K its layer, and the last as "llm"; DyCoke's
+    decode pruning records "decode": what the layers after its `decode_layer` read at the latest decode step).
     kept_positions: per stage, the positions in `input_ids` of each sample's vision tokens still present.
     merged_groups: per merging stage, per sample, the `input_ids` positions of each group of tokens that
     became one (groups of one left out), in order of their slots.

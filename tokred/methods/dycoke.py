@@ -1,15 +1,18 @@
-"""DyCoke (Tao et al., CVPR 2025): temporal token merging (TTM) prunes the tokens of a video that repeat the
-same-position token of an earlier frame in their window of four, so the budget goes to what changes over time.
-Its second stage, dynamic KV-cache pruning while decoding, is not built here: it belongs to the kv stage."""
+"""DyCoke (Tao et al., CVPR 2025) in two stages. Temporal token merging (TTM) prunes the tokens of a video that
+repeat the same-position token of an earlier frame in their window of four, so the budget goes to what changes
+over time. With `decode_keep` below 1, dynamic KV pruning then has the LLM layers after `decode_layer` read, at
+each decode step, only the vision tokens that step's own query attends to most (`stages/decode_prune.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tokred.methods.base import TokenReducer, register
+from tokred.methods.base import TokenReducer, _count, check_layer, register
 from tokred.tokens import VisionTokens
 
 WINDOW = 4
@@ -61,11 +64,61 @@ class DyCoke(TokenReducer):
     Images (no grid, or t == 1) have nothing to compare: every token is a pivot, and so are all candidates when
     k is below the pivot count; then the kept ones are spread evenly over them in raster order (uniform stride).
 
+    Dynamic KV pruning (`decode_keep` < 1; the default 1 leaves it off): at every one-token decode step, layer
+    `decode_layer` measures the new token's attention over the whole cache (softmax, averaged over heads) and
+    each video or image keeps the `decode_keep` share of its tokens that attention ranks highest (rounded half up,
+    at least one; `decode_select`); in that step every later layer reads only those, with all text and generated
+    tokens. The cache keeps every token, so one pruned at a step is back at any later step whose query attends to
+    it again. ``decode_layer=2`` is the official ``dycoke_l=3`` (whose layer 3 reads what layer 2's attention
+    chose) and `decode_keep` its ``1 - dycoke_p``. The prefill, and with it the first generated token, is not
+    pruned, nor is a call without a cache (``use_cache=False``): it has no decode steps, so its tokens are plain
+    DyCoke's, not those of a cached generate.
+
+    What the dynamic pruning saves: attention reads, never memory. The later layers gather the kept keys and
+    values and run the model's own kernel (sdpa, flash, eager) on them alone, so attention reads the kept rows
+    instead of all, after copying them: a net saving only where the kept rows are under about a third of the
+    cache, and a small one next to transformers' DynamicCache, which copies every layer's whole cache at each
+    step. The cache holds every token throughout.
+
     Deliberate differences from the official code: one budget k per span ranked across all its frames (the
     official keeps int(ratio * tokens per frame) in every non-pivot frame and pivot frames whole); every
     window follows the same rule, including the last (the official loop skips the pivot comparison of the last
     window when t is a multiple of four, keeping its third frame whole) and a trailing partial one (the
-    official drops an unpaired last frame); the decoding-time KV pruning is not implemented (kv stage)."""
+    official drops an unpaired last frame). While decoding: every step selects afresh, the paper's rule (the
+    official code selects only when the cosine similarity of the step's vision attention to the previous step's
+    falls below 0.9, and at the other steps reads the whole cache, since it resets its kept list at every step's
+    first layer); each sample and each of its videos and images is ranked on its own (the official reads sample
+    0's attention over one video at a fixed offset, floors the count, and leaves LLaVA-OneVision's trailing
+    newline token out of the ranking, where here it is one of the video's tokens)."""
+
+    decode_keep: float = 1.0
+    decode_layer: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        value = self.decode_keep
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 < value <= 1:
+            raise ValueError(f"DyCoke.decode_keep must be a number in (0, 1] (1: no decode pruning), got {value!r}")
+        check_layer(self, "decode_layer", self.decode_layer)
+
+    @property
+    def idle(self) -> bool:
+        return super().idle and not self.prunes_decode
+
+    def as_idle(self) -> DyCoke:
+        return dataclasses.replace(super().as_idle(), decode_keep=1.0)
+
+    @property
+    def prunes_decode(self) -> bool:
+        """Whether decode steps prune the cache the layers after `decode_layer` read (the pre_llm stage asks)."""
+        return self.decode_keep < 1
+
+    def decode_select(self, scores: torch.Tensor) -> torch.Tensor:
+        """(k,) ascending indices of the span's tokens a decode step keeps, given (n,) the attention its query pays
+        them at `decode_layer`: the k = `decode_keep` * n (rounded half up, at least one) it attends to most, ties
+        to the earlier token."""
+        k = _count(self.decode_keep, len(scores))
+        return scores.argsort(descending=True, stable=True)[:k].sort().values
 
     def select(self, tokens: VisionTokens, k: int, generator: torch.Generator) -> torch.Tensor:
         redundancy = temporal_redundancy(tokens.embeds, tokens.span.grid)

@@ -2,7 +2,8 @@
 
 Everything the LLM receives along the sequence is cut together: embeddings, the padding mask, position
 ids (for Qwen the 3-D M-RoPE ids, computed on the full sequence by the model before we cut) and the
-family's extras. Decode steps keep the model's own positions; only their mask is carried across the cut.
+family's extras. Decode steps keep the model's own positions; only their mask is carried across the cut. A method
+that prunes the cache while decoding (`prunes_decode`: DyCoke) also gets that done here (`decode_prune.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tokred.adapters.base import Adapter
 from tokred.methods.base import Method
 from tokred.stages.base import Stage, runtime
 from tokred.stages.call import Call
+from tokred.stages.decode_prune import DecodePruning
 from tokred.stages.encoder_attention import EncoderAttention
 from tokred.stages.select import choose
 from tokred.tokens import Selection
@@ -29,9 +31,12 @@ class PreLLMStage(Stage):
         super().__init__(method, adapter, current)
         wants = getattr(method, "needs_encoder_attention", False)
         self.encoder = EncoderAttention(adapter, type(method).__name__) if wants else None
+        prunes = getattr(method, "prunes_decode", False)
+        self.pruning = DecodePruning(method, adapter, current) if prunes else None
 
     def install(self) -> list[Callable[[], None]]:
-        return self.encoder.install() if self.encoder is not None else []
+        helpers = [h for h in (self.encoder, self.pruning) if h is not None]
+        return [undo for helper in helpers for undo in helper.install()]
 
     def prefill(self, call: Call) -> None:
         """Choose (or take the call's given selection) and cut every sequence-aligned LLM input."""
@@ -65,6 +70,8 @@ class PreLLMStage(Stage):
 
     def decode(self, call: Call) -> None:
         """Carry the cut into a decode step: shorten its mask; fix positions the model derives from the cache."""
+        if self.pruning is not None:
+            self.pruning.decode(call)
         selection = call.selections.get(self.name)
         if selection is None:
             return
