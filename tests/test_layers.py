@@ -17,6 +17,8 @@ FORBIDDEN = {
     "tokred.methods": ("tokred.adapters", "tokred.stages", "tokred.eval", "tokred.demo"),
     "tokred.adapters": ("tokred.stages", "tokred.methods", "tokred.eval", "tokred.demo"),
     "tokred.stages": ("tokred.eval", "tokred.demo", "tokred.patch"),
+    "tokred.kv": ("tokred.adapters", "tokred.stages", "tokred.methods", "tokred.weights", "tokred.eval", "tokred.demo"),
+    "tokred.weights": ("tokred.stages", "tokred.methods", "tokred.eval", "tokred.demo", "tokred.patch"),
     "tokred.zoo.families": ("tokred",),  # a family's builder needs only transformers, its siblings and the tasks
     "tokred.zoo.datasets": ("tokred",),  # the synthetic tasks: numpy and PIL only
 }

@@ -27,8 +27,8 @@ def _digit_weights(levels: int, device: torch.device) -> torch.Tensor:
     return levels ** torch.arange(per_byte(levels), dtype=torch.int32, device=device)
 
 
-def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
-    """uint8 (..., ceil(n / per)): integer codes (..., n) in [0, levels) packed along the last dimension."""
+def _check_codes(codes: torch.Tensor, levels: int) -> None:
+    """A ValueError unless codes is an integer tensor with values in [0, levels)."""
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= levels):
@@ -36,6 +36,11 @@ def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
             f"codes must lie in [0, {levels}) for {levels}-level packing; got values in "
             f"[{int(codes.min())}, {int(codes.max())}]"
         )
+
+
+def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
+    """uint8 (..., ceil(n / per)): integer codes (..., n) in [0, levels) packed along the last dimension."""
+    _check_codes(codes, levels)
     weights = _digit_weights(levels, codes.device)
     per = len(weights)
     digits = F.pad(codes.to(torch.int32), (0, -codes.shape[-1] % per))
@@ -84,3 +89,21 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 def unpack_ternary(packed: torch.Tensor, n: int) -> torch.Tensor:
     """uint8 codes (..., n) in {0, 1, 2} from `pack_ternary`."""
     return unpack_codes(packed, 3, n)
+
+
+def pack3(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., ceil(3 n / 8)): 3-bit codes (..., n) in [0, 8) as one little-endian bit stream, code i at bits
+    3i to 3i + 2 (bit j in byte j // 8 at place j % 8), so 8 codes fill 3 bytes and codes 2 and 5 of each 8 straddle
+    two. The stream is the codes' bits packed 1 to a bit by `pack_codes`."""
+    _check_codes(codes, 8)
+    stream = codes.to(torch.int32)[..., None] >> torch.arange(3, device=codes.device) & 1
+    return pack_codes(stream.flatten(-2), 2)
+
+
+def unpack3(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 codes (..., n) in [0, 8) from `pack3`."""
+    if packed.shape[-1] != -(-3 * n // 8):
+        raise ValueError(f"{n} 3-bit codes take {-(-3 * n // 8)} bytes, but the last dimension has {packed.shape[-1]}")
+    stream = unpack_codes(packed, 2, 3 * n).to(torch.int32)
+    codes = stream.reshape(*stream.shape[:-1], n, 3) << torch.arange(3, device=packed.device)
+    return codes.sum(-1).to(torch.uint8)

@@ -64,6 +64,18 @@ def _to_half(v: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(off, torch.nextafter(h, torch.full_like(h, float("inf") if up else float("-inf"))), h)
 
 
+def min_max_grid(grouped: torch.Tensor, dim: int, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 codes of float32 `grouped` on each group's `levels`-level min/max grid along `dim` (rounded to the
+    nearest level), and the grid's float16 scale and zero (kept as size-1 `dim`): zero rounded down, scale up."""
+    zero = _to_half(grouped.amin(dim, keepdim=True), up=False)
+    scale = _to_half((grouped.amax(dim, keepdim=True) - zero.float()) / (levels - 1), up=True)
+    scale = scale.masked_fill(scale == 0, 1)  # a constant group: every code is 0 whatever the scale
+    if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
+        raise ValueError("groups overflow float16 scales and zeros: values and ranges must stay within ±65504")
+    codes = ((grouped - zero.float()) / scale.float()).clamp(0, levels - 1).round()
+    return codes.to(torch.int32), scale, zero
+
+
 @dataclass(frozen=True, eq=False)
 class Quantized:
     """A (..., n, d) tensor quantized group-wise: packed codes and a float16 scale and zero per group.
@@ -104,13 +116,8 @@ def quantize(x: torch.Tensor, bits: float, group: int, axis: str) -> Quantized:
     """
     levels = code_levels(bits)
     grouped, dim = _grouped(x, group, axis)
-    zero = _to_half(grouped.amin(dim, keepdim=True), up=False)
-    scale = _to_half((grouped.amax(dim, keepdim=True) - zero.float()) / (levels - 1), up=True)
-    scale = scale.masked_fill(scale == 0, 1)  # a constant group: every code is 0 whatever the scale
-    if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
-        raise ValueError("x's groups overflow float16 scales and zeros: values and ranges must stay within ±65504")
-    codes = ((grouped - zero.float()) / scale.float()).clamp(0, levels - 1).round()
-    packed = pack_codes(codes.to(torch.int32).reshape(x.shape), levels)
+    codes, scale, zero = min_max_grid(grouped, dim, levels)
+    packed = pack_codes(codes.reshape(x.shape), levels)
     return Quantized(packed, scale.squeeze(dim), zero.squeeze(dim), bits, group, axis, x.shape)
 
 

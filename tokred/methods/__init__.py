@@ -21,6 +21,7 @@ from tokred.methods.fastv import FastV
 from tokred.methods.fastvid import FastVID
 from tokred.methods.int8 import Int8
 from tokred.methods.kivi import KIVI
+from tokred.methods.layerbits import LayerBits, UniformBits
 from tokred.methods.mustdrop import MustDrop
 from tokred.methods.pdrop import PyramidDrop
 from tokred.methods.random import Random
@@ -47,6 +48,7 @@ __all__ = [
     "Int8",
     "KIVI",
     "KVScheme",
+    "LayerBits",
     "LLMReducer",
     "Method",
     "MustDrop",
@@ -58,6 +60,7 @@ __all__ = [
     "ToMe",
     "TokenMerger",
     "TokenReducer",
+    "UniformBits",
     "VidCom2",
     "VisionTokens",
     "VisionZip",

@@ -4,4 +4,4 @@ Each built stage is one module here; importing this package registers them all. 
 module with a `@runtime` class and its import line below.
 """
 
-from tokred.stages import encoder, frames, kv, llm, pre_llm  # noqa: F401  (registers the runtimes)
+from tokred.stages import encoder, frames, kv, llm, pre_llm, weights  # noqa: F401  (registers the runtimes)
