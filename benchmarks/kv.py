@@ -1,6 +1,6 @@
 """KV-cache quantization in one run: bits per value, KV bytes, accuracy on ShapesVQA and MotionVQA and decode-step
 time for transformers' DynamicCache (stock), transformers' QuantizedCache with each backend that imports here
-(quanto, HQQ, fp8) and each tokred KV scheme (`int8`, `kivi` at each ``--bits``).
+(quanto, HQQ, fp8) and each tokred KV scheme (`int8`, `kivi` at each ``--bits``, `vidkv`).
 
 Per task, on a shipped checkpoint (default: the first whose card covers both tasks, else per task the first that
 covers it; MotionVQA falls back to ``shapes-qwen2_5_vl`` as in `video.py`, named in the output), loaded in
@@ -13,15 +13,19 @@ median of ``--repeats`` rounds, the order rotated each round), give the decode-s
 cache each setting leaves: KV bytes per question and bits per cached value, all in (a tokred cache's own
 `bits_per_value()`; else every tensor its layers hold, quantized states included, over the elements it stands for).
 
-KIVI and transformers' group-wise backends share ``--bits``, ``--group`` and ``--residual``: the shipped
-checkpoints have head dim 32 and prompts of about 100 (shapes) and 540 (motion) tokens, so group 32 and a residual
-window of 32 tokens keep most of each prompt quantized. `int8` runs at its defaults (per token over a head's
-channels, nothing kept exact). tokred's caches run the torch reference path (each decode step dequantizes the whole
-store); the fused decode kernel is not wired into the cache yet, so CPU decode times are not the fused path's.
+KIVI and transformers' group-wise backends share ``--bits``, ``--group`` and ``--residual``, and VidKV takes the
+same ``--group`` (tokens a block) and ``--residual``: the shipped checkpoints have head dim 32 and prompts of about
+100 (shapes) and 540 (motion) tokens, so group 32 and a residual window of 32 tokens keep most of each prompt
+quantized (VidKV's own defaults, blocks of 128 tokens, are for long videos at head dim 128). `int8` runs at its
+defaults (per token over a head's channels, nothing kept exact). tokred's caches run patched, so every decode step
+reads the store through the fused decode attention (`tokred.kernels.kv_attention.store_attention`): the Triton
+kernel on CUDA, which makes no dequantized copy of the store; on the CPU its torch reference, which dequantizes the
+store every step as transformers' caches do, so CPU decode times are not the kernel's.
 
-With CUDA it also times `tokred.kernels.decode_attention` (Triton) over KIVI 2-bit and int8 stores against torch
-SDPA over the same keys and values in bf16, one decode step across the Qwen2.5-VL-7B attention (28 layers, 4 KV
-heads, 7 query heads per KV head, head dim 128) at 8k, 32k and 128k tokens, with CUDA events, and the bytes each
+With CUDA it also times the fused decode attention (Triton) over each of `KERNEL_SCHEMES`' stores (KIVI 2-bit,
+int8 and VidKV at their defaults, built by each scheme's own cache layer from a prefill and one decode step) against
+torch SDPA over the same keys and values in bf16, one decode step across the Qwen2.5-VL-7B attention (28 layers, 4
+KV heads, 7 query heads per KV head, head dim 128) at 8k, 32k and 128k tokens, with CUDA events, and the bytes each
 reads per second as a share of the device's memory bandwidth. Results go to ``<out>/kv.json`` and ``kv.md``.
 
     python benchmarks/kv.py --threads 1                                  # 200 questions per task
@@ -39,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -51,8 +56,8 @@ import tokred
 from tokred import compat
 from tokred.eval import Setting, evaluate, questions
 from tokred.eval.report import environment
-from tokred.kernels.kv_attention import decode_attention, decode_attention_reference
-from tokred.kv import quantize
+from tokred.kernels.kv_attention import store_attention
+from tokred.kv import QuantizedKVLayer
 from tokred.kv.cache import head_dim
 from tokred.measure import StepClock, kv_bytes
 from tokred.zoo import available, card, load
@@ -70,7 +75,9 @@ BACKENDS: dict[str, tuple[str | None, dict[str, int]]] = {
 # Qwen2.5-VL-7B's decode attention; random bf16 keys, values and queries.
 LAYERS, KV_HEADS, GROUP_HEADS, DIM, DTYPE = 28, 4, 7, 128, torch.bfloat16
 GPU_TOKENS = (8192, 32768, 131072)
-KERNEL_SCHEMES = ("kivi:bits=2", "int8")  # KIVI at the paper's group 32 and residual 128; int8 per token
+KERNEL_SCHEMES = ("kivi:bits=2", "int8", "vidkv")  # KIVI at the paper's group 32 and residual 128; int8 per token
+KERNEL_CONFIG = SimpleNamespace(head_dim=DIM, num_key_value_heads=KV_HEADS, num_hidden_layers=1)
+"""One layer of the 7B attention, for a scheme's cache."""
 BANDWIDTH_HELP = "peak GB/s (default: from the device's memory clock and bus width; H100 SXM 3350, H200 4800)"
 
 
@@ -90,8 +97,9 @@ def failure(error: Exception) -> str:
 
 
 def tokred_runs(bits: list[int], group: int, residual: int) -> list[Run]:
-    """tokred's `int8` at its defaults and `kivi` at each width with `group` and `residual`."""
+    """tokred's `int8` at its defaults, `kivi` at each width and `vidkv`, both with `group` and `residual`."""
     recipes = ["int8", *(f"kivi:bits={b}:group={group}:residual={residual}" for b in bits)]
+    recipes.append(f"vidkv:group={group}:residual={residual}")
     return [Run(f"tokred {text}", text) for text in recipes]
 
 
@@ -269,47 +277,44 @@ def table(entries: list[dict[str, Any]]) -> str:
 
 def layer_inputs(scheme: Any, tokens: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """One layer's decode step at the 7B shapes, batch 1: a bf16 query, `tokens` random bf16 keys and values, and
-    the same as `scheme` (a tokred GroupedKV) stores them: whole blocks quantized, the rest a bf16 residual window."""
+    the layer of `scheme`'s cache (a tokred KV scheme) holding them after a prefill of all but the last and one
+    decode step: its store and residual window, read packed (no dequantized copy is returned)."""
     generator = torch.Generator(device).manual_seed(seed)
     query = torch.randn(1, KV_HEADS * GROUP_HEADS, 1, DIM, generator=generator, device=device, dtype=DTYPE)
     keys, values = (
         torch.randn(1, KV_HEADS, tokens, DIM, generator=generator, device=device, dtype=DTYPE) for _ in range(2)
     )
-    group = scheme.group or DIM
-    block = group if "channel" in (scheme.key_axis, scheme.value_axis) else 1
-    stored = max(tokens - scheme.residual, 0) // block * block
-    return {
-        "query": query,
-        "keys": quantize(keys[..., :stored, :], scheme.bits, group, scheme.key_axis),
-        "values": quantize(values[..., :stored, :], scheme.bits, group, scheme.value_axis),
-        "residual_keys": keys[..., stored:, :],
-        "residual_values": values[..., stored:, :],
-        "dense_keys": keys,
-        "dense_values": values,
-    }
+    layer = scheme.make_cache(KERNEL_CONFIG).layers[0]
+    layer.update(keys[..., :-1, :], values[..., :-1, :])
+    layer.read_packed = True
+    layer.update(keys[..., -1:, :], values[..., -1:, :])
+    return {"query": query, "layer": layer, "dense_keys": keys, "dense_values": values}
 
 
-def kernel_bytes(layer: dict[str, Any]) -> int:
-    """Bytes the kernel reads for one layer: packed codes, scales and zeros, the residual window and the query."""
-    window = [layer[k] for k in ("query", "residual_keys", "residual_values")]
-    return layer["keys"].nbytes + layer["values"].nbytes + sum(t.numel() * t.element_size() for t in window)
+def kernel_bytes(inputs: dict[str, Any]) -> int:
+    """Bytes the kernel reads for one layer: the store all in (codes, scales, zeros, metadata), the residual window
+    and the query."""
+    layer: QuantizedKVLayer = inputs["layer"]
+    window = [inputs["query"], layer.keys, layer.values]
+    return layer.store.nbytes + sum(t.numel() * t.element_size() for t in window)
 
 
-def sdpa_bytes(layer: dict[str, Any]) -> int:
+def sdpa_bytes(inputs: dict[str, Any]) -> int:
     """Bytes SDPA reads for one layer: the bf16 keys and values and the query."""
-    return sum(layer[k].numel() * layer[k].element_size() for k in ("query", "dense_keys", "dense_values"))
+    return sum(inputs[k].numel() * inputs[k].element_size() for k in ("query", "dense_keys", "dense_values"))
 
 
-def triton_step(layer: dict[str, Any]) -> torch.Tensor:
-    """One layer's decode attention by the Triton kernel over the packed store and the residual window."""
-    args = [layer[k] for k in ("query", "keys", "values", "residual_keys", "residual_values")]
-    return decode_attention(*args, DIM**-0.5, backend="triton")
+def fused_step(inputs: dict[str, Any], backend: str = "triton") -> torch.Tensor:
+    """One layer's decode attention over the packed store and the residual window (Triton; "torch": its
+    reference)."""
+    layer: QuantizedKVLayer = inputs["layer"]
+    return store_attention(inputs["query"], layer.store, layer.keys, layer.values, DIM**-0.5, backend=backend)
 
 
-def sdpa_step(layer: dict[str, Any]) -> torch.Tensor:
+def sdpa_step(inputs: dict[str, Any]) -> torch.Tensor:
     """One layer's decode attention by torch SDPA over the bf16 keys and values (GQA)."""
     return F.scaled_dot_product_attention(
-        layer["query"], layer["dense_keys"], layer["dense_values"], scale=DIM**-0.5, enable_gqa=True
+        inputs["query"], inputs["dense_keys"], inputs["dense_values"], scale=DIM**-0.5, enable_gqa=True
     )
 
 
@@ -353,10 +358,9 @@ def kernels(tokens: list[int], repeats: int, bandwidth: float) -> list[dict[str,
         scheme = tokred.Config.parse(text).kv
         for n in tokens:
             layers = [layer_inputs(scheme, n, device, seed=i) for i in range(LAYERS)]
-            args = [layers[0][k] for k in ("query", "keys", "values", "residual_keys", "residual_values")]
-            error = (triton_step(layers[0]).float() - decode_attention_reference(*args, DIM**-0.5).float()).abs().max()
+            error = (fused_step(layers[0]).float() - fused_step(layers[0], "torch").float()).abs().max()
             row: dict[str, Any] = {"scheme": text, "tokens": n, "max_abs_err": error.item()}
-            for name, step, read in (("triton", triton_step, kernel_bytes), ("sdpa", sdpa_step, sdpa_bytes)):
+            for name, step, read in (("triton", fused_step, kernel_bytes), ("sdpa", sdpa_step, sdpa_bytes)):
                 ms = cuda_ms(step, layers, repeats)
                 rate = sum(map(read, layers)) / ms / 1e6
                 row[name] = {"ms": ms, "gb_s": rate, "bandwidth_share": rate / bandwidth}
@@ -424,9 +428,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sections.append(
         f"KV bytes and bits / value: one batch of {args.batch} questions after {args.decode_tokens} decode steps, "
         f"padding included; decode step / stock: median of {args.repeats} interleaved rounds (CPU: ratios only). "
-        "tokred's caches run the torch reference path (each step dequantizes the whole store): the fused decode "
-        "kernel is not wired in yet, so these are not the fused path's times. Answer KL (JSON only) is 0 by "
-        "construction: the first answer token reads the prefill's exact keys and values."
+        "tokred's caches read their store through the fused decode attention: on CUDA the Triton kernel, on the "
+        "CPU its torch reference (which dequantizes the store every step), so CPU times are not the kernel's. "
+        "Answer KL (JSON only) is 0 by construction: the first answer token reads the prefill's exact keys and "
+        "values."
     )
     if torch.cuda.is_available():
         bandwidth, source = peak_bandwidth(args.bandwidth)

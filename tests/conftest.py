@@ -112,7 +112,7 @@ def serve(tiny: Tiny, method) -> None:
     adapter = adapter_for(tiny.model)
     if getattr(method, "needs_encoder_attention", False) and adapter.encoder_attention_block() is None:
         refusal = "needs the vision tower's attention, which tokred reads for the families"
-    elif method.stage == "frames" and not adapter.patch_groups:
+    elif method.stage == "frames" and not (adapter.patch_groups or adapter.whole_frames):
         refusal = "runs the vision tower on a video's changed patches only; tokred does that for towers that take"
     else:
         return

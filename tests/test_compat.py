@@ -141,6 +141,16 @@ def test_onevision_layout(tiny):
     (pooled,) = compat.onevision_video_scores(outer, torch.ones(frames, side * side), dict(video))
     assert len(pooled) == int((video["input_ids"] == config.video_token_id).sum()), "seam 'onevision layout'"
     assert pooled[-1] == 0 and bool((pooled[:-1] == 1).all())
+    clips = compat.onevision_clips(dict(video))
+    regions = compat.onevision_frame_regions(outer, clips, config.vision_config.patch_size)
+    assert regions.shape[:2] == clips.shape[:2] and regions.shape[3] == 3 * config.vision_config.patch_size**2
+    assert regions.shape[1] * regions.shape[2] == len(pooled) - 1, "seam 'onevision layout': a row per frame token"
+    flat = clips.reshape(-1, *clips.shape[2:])  # a frame of one colour pools to that colour in every region
+    flat[0] = 0.25
+    assert torch.equal(
+        compat.onevision_frame_regions(outer, clips, config.vision_config.patch_size)[0, 0],
+        torch.full_like(regions[0, 0], 0.25),
+    )
 
 
 def test_given_media_features(tiny):
@@ -283,3 +293,41 @@ def test_mask_format(tiny, implementation):
     assert stock.shape == ours.shape and stock.dtype == ours.dtype, "seam 'mask format': shape or dtype"
     rows = valid[:, None, :, None].expand_as(ours)
     assert torch.equal(stock[rows], ours[rows]), "seam 'mask format': values on real rows"
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_decode_mask(tiny, implementation):
+    """The mask a layer hands its attention function on a padded batch's decode step allows the keys the 2D mask
+    does, and the new token's; flash attention's 2D mask and no mask read as they are."""
+    model = tiny.load(attn_implementation=implementation)
+    inputs = tiny.batch()
+    calls: list = []
+    hook = record_calls(adapter_for(model).attention(0), calls)
+    try:
+        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    finally:
+        hook.remove()
+    step = next(kwargs for kwargs in calls if kwargs["hidden_states"].shape[1] == 1)
+    want = torch.cat([inputs["attention_mask"].bool(), torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    assert not bool(want.all()), "the batch is padded"
+    got = compat.decode_key_mask(step["attention_mask"], 2, want.shape[1])
+    assert torch.equal(got, want), "seam 'decode mask'"
+    assert torch.equal(compat.decode_key_mask(want.long(), 2, want.shape[1]), want)
+    assert compat.decode_key_mask(None, 2, want.shape[1]) is None
+    with pytest.raises(compat.SeamError, match="'decode mask'.*covers 5 keys, the layer holds 6"):
+        compat.decode_key_mask(want[:, :5], 2, 6)
+
+
+def test_attention_output(tiny):
+    """What tokred's fused attention returns for a decode step is laid out as the model's own sdpa function's."""
+    attention = adapter_for(tiny.model).attention(0)
+    config = tiny.model.config.get_text_config()
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, heads, 1, dim, generator=g)
+    key, value = torch.randn(2, 2, kv_heads, 5, dim, generator=g).unbind(0)
+    stock, _ = compat.attention_kernel(attention, "sdpa")(attention, query, key, value, None, scaling=0.25)
+    exact = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=0.25, enable_gqa=True)
+    ours, weights = compat.attention_output(exact)
+    assert weights is None and ours.shape == stock.shape == (2, 1, heads, dim), "seam 'attention output'"
+    torch.testing.assert_close(ours, stock)

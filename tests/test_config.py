@@ -94,7 +94,8 @@ def test_kv_and_weights_take_their_own_stage(toy_kv):
     assert list(fields.methods) == ["pre_llm", "kv"] and fields.weights is None
     assert str(fields) == "random+toykv:bits=2" and Config.parse(str(fields)) == fields
     assert Config(prune=Random(keep=0.5)).with_schemes(kv="toykv:bits=2") == fields
-    assert schemes("kv") == ("none", "int8", "kivi", "toykv") and schemes("weights") == ("none",)
+    assert schemes("kv") == ("none", "int8", "kivi", "toykv", "vidkv")
+    assert schemes("weights") == ("none", "layerbits", "uniform_bits")
     with pytest.raises(TypeError, match=r"Config.kv takes a method of stage 'kv'"):
         Config(kv=Random())
     with pytest.raises(ValueError, match="two methods for stage 'kv'"):
@@ -126,3 +127,9 @@ def test_auto_budgets_are_checked_where_they_are_set():
             tokred.FastV(**kwargs)
     with pytest.raises(ValueError, match="Random has no importance scores to size keep='auto' by; methods that do: "):
         tokred.Random(keep="auto")
+
+
+def test_a_path_keeps_its_slashes_and_a_tuple_field_splits_on_them():
+    config = Config.parse("layerbits:calibration=/tmp/run/calibration.json:candidates=16/2/4")
+    assert config.weights.calibration == "/tmp/run/calibration.json" and config.weights.candidates == (2, 4, 16)
+    assert Config.parse(str(config)) == config

@@ -111,8 +111,11 @@ def test_recipe_controls_become_patch_configs():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("fastv", 0.5, "vidkv"), r"unknown kv scheme 'vidkv'; kv schemes are: none, int8, kivi"),
-        (("fastv", 0.5, "none", "int4"), r"unknown weights scheme 'int4'; no weights scheme is built yet"),
+        (("fastv", 0.5, "zipcache"), r"unknown kv scheme 'zipcache'; kv schemes are: none, int8, kivi, vidkv"),
+        (
+            ("fastv", 0.5, "none", "int4"),
+            r"unknown weights scheme 'int4'; weights schemes are: none, layerbits, uniform_bits",
+        ),
         (("none", 0.5, "fastv"), "unknown kv scheme 'fastv'"),
         (
             ("prumerge", 0.5),
@@ -269,7 +272,7 @@ def test_an_uploaded_picture_answers_like_the_same_example(page, tmp_path):
         ({"question": "   "}, "type a question"),
         ({"choice": "upload"}, "upload an image or a video, or pick one of the examples"),
         ({"upload": "notes.png", "choice": "upload"}, "could not read 'notes.png': not an image"),
-        ({"kv": "vidkv"}, "vidkv is not in the list of choices"),
+        ({"kv": "zipcache"}, "zipcache is not in the list of choices"),
     ],
 )
 def test_bad_input_shows_a_message(page, tmp_path, kwargs, message):

@@ -116,7 +116,7 @@ def test_unknown_checkpoint_lists_the_shipped_ones(capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--kv", "vidkv", "unknown kv scheme 'vidkv'; kv schemes are: none, int8, kivi"),
+        ("--kv", "zipcache", "unknown kv scheme 'zipcache'; kv schemes are: none, int8, kivi, vidkv"),
         ("--weights", "random:keep=0.5", "unknown weights scheme 'random:keep=0.5'"),
     ],
 )

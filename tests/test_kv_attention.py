@@ -13,9 +13,16 @@ import torch
 from conftest import compile_for_hopper
 
 from tokred.kernels import dispatch, kv_attention
-from tokred.kernels.kv_attention import decode_attention, decode_attention_reference, decode_attention_triton
-from tokred.kv import Quantized, dequantize, quantize
-from tokred.kv.cache import _first
+from tokred.kernels.kv_attention import (
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_triton,
+    mixed_attention,
+    mixed_attention_reference,
+    mixed_attention_triton,
+)
+from tokred.kv import MixedLayout, MixedStore, Quantized, dequantize, quant, quantize
+from tokred.kv.store import first_quantized
 
 INTERPRETED = dispatch.interpreting()
 KERNEL_DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -53,7 +60,7 @@ def make_layer(
     keys = values = None
     if stored is not None:
         keys, values = (
-            _first(quantize(x[..., :filled, :], bits, group, axis), stored)
+            first_quantized(quantize(x[..., :filled, :], bits, group, axis), stored)
             for x, axis in zip((k, v), LAYOUTS[layout], strict=True)
         )
     return query, keys, values, k[..., filled:, :].to(dtype), v[..., filled:, :].to(dtype)
@@ -121,6 +128,64 @@ def test_kernel_takes_bfloat16_in_its_dtype():
     torch.testing.assert_close(got.cpu(), want, **TOLERANCE[torch.bfloat16])
 
 
+MIXED_CASES = [  # batch, kv heads, G, blocks, group, window, dim, wide channels, salient tokens, their bits, splits
+    (2, 2, 3, 2, 16, 3, 16, 6, 3, 2, 2),
+    (1, 1, 4, 3, 16, 0, 32, 16, 0, 4, None),  # no residual, no salient tokens
+    (2, 1, 2, 1, 16, 2, 16, 0, 16, 8, 1),  # every key channel narrow, every token salient
+    (1, 2, 7, 2, 24, 5, 40, 40, 5, 2, 3),  # every channel wide; blocks of 24 in tiles of 16; head dim 40
+]
+
+
+def make_mixed(batch, kv_heads, group_heads, blocks, group, window, dim, wide, salient, bits, dtype=torch.float32):
+    """query, a VidKV store of `blocks` blocks, residual keys and values, and a key mask with a few holes."""
+    g = torch.Generator().manual_seed(blocks * dim + window)
+    n = blocks * group
+    query = (2 * torch.randn(batch, 1, kv_heads * group_heads, dim, generator=g)).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(batch, kv_heads, n + window, dim, generator=g) for _ in range(2))
+    k[..., 3] += 4
+    layout = MixedLayout(dim, group, wide, salient, bits)
+    store = layout.encode(k[..., :n, :], v[..., :n, :], torch.rand(batch, n, generator=g))
+    mask = torch.rand(batch, n + window, generator=g) > 0.15
+    return query, store, k[..., n:, :].to(dtype), v[..., n:, :].to(dtype), mask
+
+
+def mixed_to_device(store: MixedStore) -> MixedStore:
+    return store.batch_map(lambda t: t.to(KERNEL_DEVICE))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "g", "blocks", "group", "window", "dim", "wide", "salient", "bits", "splits"), MIXED_CASES
+)
+def test_mixed_kernel_matches_reference(batch, kv_heads, g, blocks, group, window, dim, wide, salient, bits, splits):
+    """VidKV's store: the kernel dots each block's query in that block's key basis with the stored codes and
+    takes each token's value from its plain or salient row; the reference dequantizes the store."""
+    query, store, rk, rv, mask = make_mixed(batch, kv_heads, g, blocks, group, window, dim, wide, salient, bits)
+    want = mixed_attention_reference(query, store, rk, rv, 0.3, mask)
+    args = (query.to(KERNEL_DEVICE), mixed_to_device(store), rk.to(KERNEL_DEVICE), rv.to(KERNEL_DEVICE))
+    got = mixed_attention_triton(*args, 0.3, mask.to(KERNEL_DEVICE), block_n=16, splits=splits)
+    assert got.shape == (batch, kv_heads * g, 1, dim)
+    torch.testing.assert_close(got.cpu(), want, **TOLERANCE[torch.float32])
+    unmasked = mixed_attention_triton(*args, 0.3, block_n=16, splits=splits)
+    torch.testing.assert_close(
+        unmasked.cpu(), mixed_attention_reference(query, store, rk, rv, 0.3), **TOLERANCE[torch.float32]
+    )
+
+
+@needs_kernel
+def test_mixed_kernel_takes_bfloat16_and_never_dequantizes(monkeypatch):
+    def refused(_):
+        raise AssertionError("the kernel path dequantized the store")
+
+    query, store, rk, rv, mask = make_mixed(2, 2, 2, 2, 16, 3, 32, 16, 2, 2, torch.bfloat16)
+    want = mixed_attention_reference(query, store, rk, rv, 0.125, mask)
+    monkeypatch.setattr(quant, "dequantize", refused)
+    args = (query.to(KERNEL_DEVICE), mixed_to_device(store), rk.to(KERNEL_DEVICE), rv.to(KERNEL_DEVICE))
+    got = mixed_attention(*args, 0.125, key_mask=mask.to(KERNEL_DEVICE), backend="triton")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.cpu(), want, **TOLERANCE[torch.bfloat16])
+
+
 def test_reference_is_attention_over_dequantized_store_then_residual():
     """The reference against per-head softmax attention with the KV heads repeated to the query heads (GQA)."""
     query, keys, values, rk, rv = make_layer(2, 2, 3, 32, 4, 16, 4, "kivi", 16, seed=3)
@@ -167,7 +232,7 @@ def test_refuses_operands_of_other_shapes(change, match):
 
 
 # Run in a fresh process without TRITON_INTERPRET, where `@triton.jit` gives compilable kernels; the launches are
-# recorded, not run: KIVI's layout at 2 bits and int8's, bf16 queries with GQA, a padding mask; ternary codes.
+# recorded, not run: KIVI's layout at 2 bits and int8's, bf16 queries with GQA, a padding mask; ternary codes; VidKV's.
 COMPILE_FOR_HOPPER = textwrap.dedent(
     """
     import inspect
@@ -180,24 +245,34 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
     from triton.runtime.jit import mangle_type
 
     from tokred.kernels import kv_attention
-    from tokred.kv import quantize
+    from tokred.kv import MixedLayout, quantize
 
-    names = ("_split_kernel", "_merge_kernel")
+    names = ("_split_kernel", "_mixed_split_kernel", "_merge_kernel")
     kernels = {name: getattr(kv_attention, name) for name in names}
     query = torch.randn(2, 28, 1, 128, dtype=torch.bfloat16)
     k, v = torch.randn(2, 2, 4, 256 + 20, 128, dtype=torch.bfloat16)
     mask = torch.ones(2, 276, dtype=torch.bool)
-    for bits, key_axis in ((2, "channel"), (8, "token"), (1.58, "channel")):
-        keys, values = quantize(k[..., :256, :], bits, 32, key_axis), quantize(v[..., :256, :], bits, 32, "token")
+    stores = [
+        (quantize(k[..., :256, :], bits, 32, key_axis), quantize(v[..., :256, :], bits, 32, "token"))
+        for bits, key_axis in ((2, "channel"), (8, "token"), (1.58, "channel"))
+    ]
+    stores.append(MixedLayout(128, 128, 64, 13, 2).encode(k[..., :256, :], v[..., :256, :], torch.rand(2, 256)))
+    for store in stores:
         with mock.patch.multiple(kv_attention, **dict.fromkeys(names, mock.DEFAULT)) as launchers:
-            kv_attention.decode_attention_triton(query, keys, values, k[..., 256:, :], v[..., 256:, :], 0.1, mask)
+            if isinstance(store, tuple):
+                kv_attention.decode_attention_triton(query, *store, k[..., 256:, :], v[..., 256:, :], 0.1, mask)
+            else:
+                kv_attention.mixed_attention_triton(query, store, k[..., 256:, :], v[..., 256:, :], 0.1, mask)
         for name, kernel in kernels.items():
-            args, meta = launchers[name].__getitem__.return_value.call_args  # kernel[grid](*args, **meta)
+            launched = launchers[name].__getitem__.return_value.call_args
+            if launched is None:
+                continue
+            args, meta = launched  # kernel[grid](*args, **meta)
             params = [param for param in inspect.signature(kernel.fn).parameters if param not in meta]
             signature = dict(zip(params, map(mangle_type, args), strict=True)) | dict.fromkeys(meta, "constexpr")
             compiled = triton.compile(ASTSource(kernel, signature, meta), target=GPUTarget("cuda", 90, 32))
             assert compiled.asm["cubin"], name
-            print(name, bits, "compiled for sm_90")
+            print(name, type(store).__name__, "compiled for sm_90")
     """
 )
 
@@ -205,7 +280,7 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
 @needs_triton
 def test_kernels_compile_for_hopper():
     """The compiled path builds to sm_90 binaries without a GPU (triton ships ptxas), as launched for bf16 GQA."""
-    assert compile_for_hopper(COMPILE_FOR_HOPPER).count("compiled for sm_90") == 6
+    assert compile_for_hopper(COMPILE_FOR_HOPPER).count("compiled for sm_90") == 8
 
 
 @pytest.fixture

@@ -130,8 +130,8 @@ def test_an_unknown_kv_scheme_is_refused(tmp_path):
     from lmms_eval.models import get_model
 
     path = build("qwen2_5_vl", tmp_path / "q")
-    with pytest.raises(ValueError, match="unknown kv scheme 'vidkv'; kv schemes are: none, int8, kivi"):
-        get_model("tokred").create_from_arg_string(f"base=qwen2_5_vl,pretrained={path},kv=vidkv,device=cpu", {})
+    with pytest.raises(ValueError, match="unknown kv scheme 'zipcache'; kv schemes are: none, int8, kivi, vidkv"):
+        get_model("tokred").create_from_arg_string(f"base=qwen2_5_vl,pretrained={path},kv=zipcache,device=cpu", {})
 
 
 def test_backend_runs_lmms_eval_tasks_through_the_plugin(tmp_path, capsys):

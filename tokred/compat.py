@@ -45,6 +45,8 @@ SEAMS = (
     "deepstack",
     "loss function",
     "mask format",
+    "decode mask",
+    "attention output",
 )
 """The seams, as named in SeamError messages and in tests/test_compat.py."""
 
@@ -120,6 +122,19 @@ def forward_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) ->
         raise SeamError("forward arguments", f"{type(module).__name__}.forward: {error}") from error
 
 
+def replaced_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any], **values: Any) -> tuple[tuple, dict]:
+    """A forward pre-hook's return value that calls `module` with the named arguments replaced by `values`: every
+    argument as a keyword (``**kwargs`` the forward collects passed on as they came)."""
+    arguments = dict(forward_arguments(module, args, kwargs))
+    for name, parameter in inspect.signature(module.forward).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL and arguments.get(name):
+            raise SeamError("forward arguments", f"{type(module).__name__}.forward got extra positional arguments")
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+            arguments.update(arguments.pop(name))
+    arguments.pop("args", None)
+    return (), arguments | values
+
+
 # -- attention ------------------------------------------------------------------------------------------
 def attention_implementation(config: Any) -> str:
     """The attention kernel a (text) config selects: "sdpa", "eager", "flash_attention_2", ..."""
@@ -184,6 +199,30 @@ def attention_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dty
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
+
+
+def decode_key_mask(attention_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
+    """(batch, keys) bool, True where one decode query may attend, from the mask a layer hands its attention
+    function: sdpa's bool (B, 1, 1, kv) mask, eager's additive float one (0 where allowed, the dtype's min where
+    not), flash attention's 2D key mask; None where the layer got none (every key)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4 and attention_mask.shape[-2] == 1:
+        row = attention_mask[:, 0, -1, :]
+        allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    elif attention_mask.dim() == 2:
+        allowed = attention_mask.bool()
+    else:
+        raise SeamError("decode mask", f"a one-query step's mask is {tuple(attention_mask.shape)}, not 4D or 2D")
+    if allowed.shape[-1] < keys:
+        raise SeamError("decode mask", f"the mask covers {allowed.shape[-1]} keys, the layer holds {keys}")
+    return allowed[:, :keys].expand(batch, keys)
+
+
+def attention_output(output: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """What an attention function returns for attention `output` (B, heads, q, D): (B, q, heads, D) contiguous,
+    which the module reshapes to its hidden size, and no attention weights (as sdpa's and flash's give)."""
+    return output.transpose(1, 2).contiguous(), None
 
 
 # -- media ----------------------------------------------------------------------------------------------
@@ -284,12 +323,30 @@ def onevision_video_scores(outer: nn.Module, scores: torch.Tensor, arguments: di
     """Per video of one LLaVA-OneVision ``get_video_features`` call (its `arguments`), the score of each of its
     LLM tokens: `scores` (videos * frames, tower tokens) pooled by the model's own ``apply_pooling`` (2x2),
     frames in order, then 0 for the video's closing newline token."""
+    videos = onevision_clips(arguments).shape[0]
+    pooled = outer.apply_pooling(scores[..., None])[..., 0]
+    return [torch.cat([v.reshape(-1), v.new_zeros(1)]) for v in pooled.reshape(videos, -1, pooled.shape[-1])]
+
+
+def onevision_clips(arguments: dict[str, Any]) -> torch.Tensor:
+    """The (videos, frames, channels, height, width) clips of one LLaVA-OneVision ``get_video_features`` call."""
     clips = next((arguments[name] for name in ONEVISION_VIDEO if name in arguments), None)
     if clips is None:
         raise SeamError("onevision layout", f"get_video_features was called without any of {ONEVISION_VIDEO}")
-    videos = clips.shape[0]
-    pooled = outer.apply_pooling(scores[..., None])[..., 0]
-    return [torch.cat([v.reshape(-1), v.new_zeros(1)]) for v in pooled.reshape(videos, -1, pooled.shape[-1])]
+    return clips
+
+
+def onevision_frame_regions(outer: nn.Module, clips: torch.Tensor, patch: int) -> torch.Tensor:
+    """(videos, frames, tokens per frame, d): the pixels each of a clip's LLM tokens stands for, one row per token:
+    every frame cut into `patch`-pixel patches as the tower reads them, pooled by the model's own ``apply_pooling``
+    (the bilinear 2x2 pooling its features go through), so a token's row mixes its patches as its feature does."""
+    videos, frames, channels, height, width = clips.shape
+    rows, cols = height // patch, width // patch
+    grid = clips.reshape(videos * frames, channels, height, width)[..., : rows * patch, : cols * patch]
+    patches = grid.unfold(2, patch, patch).unfold(3, patch, patch)  # (vf, c, rows, cols, p, p)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(videos * frames, rows * cols, -1)
+    pooled = outer.apply_pooling(patches.float())
+    return pooled.reshape(videos, frames, pooled.shape[1], -1)
 
 
 def window_order(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:

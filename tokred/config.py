@@ -167,10 +167,7 @@ def schemes(stage: str) -> tuple[str, ...]:
 
 
 def _listing(stage: str) -> str:
-    known = schemes(stage)
-    if len(known) == 1:
-        return f"no {stage} scheme is built yet (only none)"
-    return f"{stage} schemes are: {', '.join(known)} (written name:field=value:...)"
+    return f"{stage} schemes are: {', '.join(schemes(stage))} (written name:field=value:...)"
 
 
 KV_SCHEMES: tuple[str, ...] = schemes("kv")

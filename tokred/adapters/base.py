@@ -93,6 +93,19 @@ class Adapter:
     merge of 2-frame temporal patches) and runs on any subset of whole groups, so the frames stage can encode
     only the groups that changed (`output_mergers` then give each group its row back)."""
 
+    whole_frames: ClassVar[bool] = False
+    """Whether the tower encodes a video's frames as a batch of whole images, each frame's tokens its own and then
+    `trailing_video_tokens` closing ones (LLaVA-OneVision's SigLIP), so the frames stage can leave out the frames in
+    which nothing changed (`frame_regions` says what each token stands for)."""
+
+    trailing_video_tokens: ClassVar[int] = 0
+    """With `whole_frames`: tokens after a video's frames' (LLaVA-OneVision: one newline)."""
+
+    def frame_regions(self, arguments: dict[str, Any]) -> torch.Tensor:
+        """With `whole_frames`: (videos, frames, tokens per frame, d), the pixels of each LLM token of the clips
+        of one ``get_video_features`` call (its `arguments`)."""
+        raise NotImplementedError
+
     @property
     def output_mergers(self) -> list[nn.Module]:
         """With `patch_groups`: the modules that turn the tower's patches into one row per group."""

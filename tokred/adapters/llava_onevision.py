@@ -27,6 +27,12 @@ class LlavaOnevisionAdapter(Adapter):
 
     merges_in_tower = True
     tower_tokens_are_llm_tokens = False
+    whole_frames = True
+    trailing_video_tokens = 1  # the newline after a video's frames
+
+    def frame_regions(self, arguments: dict[str, Any]) -> torch.Tensor:
+        patch = self.model.config.vision_config.patch_size
+        return compat.onevision_frame_regions(self.outer, compat.onevision_clips(arguments), patch)
 
     def encoder_attention_block(self) -> int:
         return self.vision_feature_block()

@@ -29,6 +29,7 @@ from tokred.methods.sparsevlm import SparseVLM
 from tokred.methods.temporal_dedup import TemporalDedup
 from tokred.methods.tome import ToMe
 from tokred.methods.vidcom2 import VidCom2
+from tokred.methods.vidkv import VidKV
 from tokred.methods.visionzip import VisionZip
 from tokred.methods.vispruner import VisPruner
 from tokred.tokens import Span, VisionTokens
@@ -62,6 +63,7 @@ __all__ = [
     "TokenReducer",
     "UniformBits",
     "VidCom2",
+    "VidKV",
     "VisionTokens",
     "VisionZip",
     "VisPruner",

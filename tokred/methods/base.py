@@ -298,7 +298,7 @@ class GroupedKV(KVScheme):
         return dataclasses.replace(self, bits=FULL)
 
     def make_cache(self, config: Any) -> QuantizedKVCache:
-        return QuantizedKVCache(config, self.bits, self.key_axis, self.value_axis, self.group, self.residual)
+        return QuantizedKVCache.grouped(config, self.bits, self.key_axis, self.value_axis, self.group, self.residual)
 
 
 @dataclass(frozen=True)
