@@ -120,19 +120,10 @@ def test_pixels_without_input_ids(tiny):
         tiny.model(**inputs, inputs_embeds=embeds)
 
 
-def test_a_method_of_a_stage_without_a_runtime_is_refused(tiny):
-    from dataclasses import dataclass
+def test_a_method_of_a_stage_without_a_runtime_is_refused(tiny, monkeypatch):
+    from tokred.stages.base import RUNTIMES
 
-    from tokred.methods.base import METHODS, WeightScheme, register
-
-    @register("weights-test", stage="weights")
-    @dataclass(frozen=True)
-    class WeightsTest(WeightScheme):
-        pass
-
-    try:
-        with pytest.raises(ValueError, match="'weights-test' runs in stage 'weights', which has no runtime yet"):
-            tokred.patch(tiny.model, Config(weights=WeightsTest()))
-        assert not hasattr(tiny.model, "_tokred_session")
-    finally:
-        del METHODS["weights-test"]
+    monkeypatch.delitem(RUNTIMES, "weights")  # as for a stage whose runtime is not written yet
+    with pytest.raises(ValueError, match="'uniform_bits' runs in stage 'weights', which has no runtime yet"):
+        tokred.patch(tiny.model, Config(weights=tokred.UniformBits(bits=4, group=32)))
+    assert not hasattr(tiny.model, "_tokred_session")
