@@ -58,8 +58,7 @@ from tokred.eval import Setting, evaluate, questions
 from tokred.eval.report import environment
 from tokred.kernels.kv_attention import store_attention
 from tokred.kv import QuantizedKVLayer
-from tokred.kv.cache import head_dim
-from tokred.measure import StepClock, kv_bytes
+from tokred.measure import StepClock, kv_bits_per_value, kv_bytes
 from tokred.zoo import available, card, load
 from tokred.zoo.prompts import generate_answers
 
@@ -150,13 +149,12 @@ def checkpoints(tasks: list[str], given: str | None) -> dict[str, tuple[str, str
 
 def cache_cost(cache: Cache, config: Any, batch: int) -> dict[str, float]:
     """Bytes held per question, bits per cached key or value element all in, and tokens cached per question."""
-    nbytes = kv_bytes(cache)
     tokens = [layer.get_seq_length() for layer in cache.layers]
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    elements = 2 * batch * heads * head_dim(config) * sum(tokens)
-    own = getattr(cache, "bits_per_value", None)
-    bits = own() if callable(own) else 8 * nbytes / elements
-    return {"cache_bytes_per_question": nbytes / batch, "bits_per_value": bits, "cached_tokens": max(tokens)}
+    return {
+        "cache_bytes_per_question": kv_bytes(cache) / batch,
+        "bits_per_value": kv_bits_per_value(cache, config, batch),
+        "cached_tokens": max(tokens),
+    }
 
 
 def decode_step(

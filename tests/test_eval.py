@@ -14,11 +14,13 @@ from PIL import Image
 
 import tokred
 import tokred.eval.runner
+from tokred import compat
 from tokred.cli import main
 from tokred.eval import STOCK, evaluate, grid, questions
 from tokred.eval.tasks import takes
 from tokred.methods import METHODS
 from tokred.zoo import build, load
+from tokred.zoo.prompts import chat
 from tokred.zoo.train import accuracy
 
 
@@ -44,6 +46,7 @@ def test_kept_tokens_kv_and_accuracy_are_measured(checkpoint):
         assert stock.vision_tokens_kept == n and random.vision_tokens_in == n
         assert random.vision_tokens_kept == math.floor(n * 0.5 + 0.5)  # same media size, so one count per question
         assert random.kv_bytes < stock.kv_bytes and stock.questions == random.questions == 4
+        assert stock.kv_bits_per_value == random.kv_bits_per_value == 32.0  # float32 DynamicCaches (the model's)
         assert stock.relative_accuracy in (1.0, None) and stock.ttft_ms > 0 and stock.decode_tokens_per_s > 0
         assert stock.peak_memory_mb is None  # CPU
         assert stock.smallest_accuracy is None or task == "shapes"
@@ -232,6 +235,7 @@ def test_agreement_and_answer_kl_compare_with_stock():
             0,
             None,
             0,
+            0,
             answers,
         )
 
@@ -295,3 +299,24 @@ def test_a_settings_keep_is_its_last_token_reducers():
     _, alone, combined = grid(recipes=["temporal_dedup", "temporal_dedup+random:keep=0.25"])
     assert (alone.method, alone.keep) == ("temporal_dedup", 1.0)
     assert (combined.method, combined.keep) == ("temporal_dedup+random", 0.25)
+
+
+def test_settings_with_a_kv_or_weight_scheme_say_so_in_their_names():
+    settings = grid(recipes=["none", "fastv-25"], kv="kivi", weights="uniform_bits:bits=4")
+    assert [s.name for s in settings] == ["stock", "none+kivi+uniform_bits:bits=4", "fastv-25+kivi+uniform_bits:bits=4"]
+    assert [s.method for s in settings] == ["stock", "kivi+uniform_bits", "fastv+kivi+uniform_bits"]
+    assert settings[1].config == tokred.Config(kv=tokred.KIVI(), weights=tokred.UniformBits(bits=4))
+
+
+def test_kv_bits_per_value_count_a_packed_cache_as_it_counts_itself(checkpoint):
+    from tokred.kv import cache_for
+    from tokred.measure import kv_bits_per_value
+
+    model, processor = load(checkpoint)
+    inputs = processor(
+        images=[Image.new("RGB", (56, 56))] * 2, text=[chat(processor, "shapes", "q?")] * 2, return_tensors="pt"
+    )
+    cache = cache_for(model, tokred.KIVI(bits=2, group=8, residual=8))
+    model.generate(**inputs, max_new_tokens=12, do_sample=False, **{compat.cache_argument(model): cache})
+    config = model.config.get_text_config(decoder=True)
+    assert kv_bits_per_value(cache, config, 2) == cache.bits_per_value() < 32  # below float32 even with the window

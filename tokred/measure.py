@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
+from tokred.kv.cache import head_dim
+
 
 class StepClock(LogitsProcessor):
     """Timestamps of each generation step: generate() calls its logits processors once per new token, after
@@ -32,6 +34,19 @@ def kv_bytes(cache: Any) -> int:
     if callable(reported):
         return int(reported())
     return sum(tensor_bytes(vars(layer)) for layer in getattr(cache, "layers", ()))
+
+
+def kv_values(cache: Any, config: Any, batch: int) -> int:
+    """How many key and value elements `cache` stands for, for `batch` sequences of the model whose text `config`
+    this is (a dense cache would hold this many): 2 x batch x KV heads x head dim x tokens, over its layers."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * batch * heads * head_dim(config) * sum(layer.get_seq_length() for layer in getattr(cache, "layers", ()))
+
+
+def kv_bits_per_value(cache: Any, config: Any, batch: int) -> float:
+    """Bits `cache` holds per key or value element it stands for, all in (`kv_bytes`); a bf16 DynamicCache: 16."""
+    values = kv_values(cache, config, batch)
+    return 8 * kv_bytes(cache) / values if values else 0.0
 
 
 def tensor_bytes(held: Any) -> int:

@@ -28,6 +28,7 @@ COLUMNS = (
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
     ("peak_memory_mb", "peak MiB", "{:.1f}"),
     ("kv_bytes", "KV KiB/question", "{:.1f}"),
+    ("kv_bits_per_value", "KV bits/value", "{:.2f}"),
 )
 
 

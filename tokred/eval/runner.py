@@ -21,7 +21,7 @@ import tokred
 from tokred import compat
 from tokred.eval.local import DEFAULT_FRAMES
 from tokred.eval.tasks import Question, check, kind, questions
-from tokred.measure import StepClock, kv_bytes
+from tokred.measure import StepClock, kv_bytes, kv_values
 from tokred.zoo.datasets.cells import target_tokens
 from tokred.zoo.prompts import Kind, generate_answers
 
@@ -47,7 +47,8 @@ def grid(
     weights: str = "none",
 ) -> list[Setting]:
     """Stock, then each method at each keep ratio, then each recipe (a preset or recipe text, see
-    `tokred.Config`), each but stock with the `kv` and `weights` schemes added; clear errors for unknown names."""
+    `tokred.Config`), each but stock with the `kv` and `weights` schemes added (and named in the setting's name);
+    clear errors for unknown names."""
     unknown = [m for m in methods if m not in tokred.METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(sorted(tokred.METHODS))}")
@@ -67,7 +68,8 @@ def grid(
         except (ValueError, TypeError) as error:
             raise ValueError(f"unknown recipe {text!r}: {error}") from error
         config = config.with_schemes(kv, weights)
-        method = "+".join(m.name for m in config.prune) or "stock"
+        name += "".join(f"+{scheme}" for scheme in (kv, weights) if scheme != "none")
+        method = "+".join(m.name for m in config.methods.values()) or "stock"
         budgets = [m.keep for m in config.prune if isinstance(m, tokred.TokenReducer)]  # frames methods have none
         settings.append(Setting(name, config, method, budgets[-1] if budgets else 1.0))
     return settings
@@ -99,6 +101,7 @@ class Row:
     decode_tokens_per_s: float  # batch rows x decode steps / decode time, summed over batches
     peak_memory_mb: float | None  # CUDA peak allocated during the setting; None on the CPU
     kv_bytes: float  # KV cache size after generation, per question
+    kv_bits_per_value: float  # bits the caches held per key or value element, all in (a bf16 DynamicCache: 16)
     answers: list[str]  # per question, in order (JSON only)
 
     def as_dict(self) -> dict:
@@ -169,7 +172,7 @@ def _run(
     token's log-probabilities per question."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    correct = n = vision_in = vision_kept = kv = 0
+    correct = n = vision_in = vision_kept = kv = kv_held = 0
     given: list[str] = []
     small: list[bool] = []
     logprobs: list[torch.Tensor] = []
@@ -190,7 +193,9 @@ def _run(
             stats = tokred.stats(model)
             vision_in += sum(stats.vision_tokens["input"])
             vision_kept += sum(list(stats.vision_tokens.values())[-1])
-            kv += kv_bytes(compat.output_cache(out))
+            cache = compat.output_cache(out)
+            kv += kv_bytes(cache)
+            kv_held += kv_values(cache, model.config.get_text_config(decoder=True), len(batch))
             logprobs.append(out.logits[0].float().log_softmax(-1).cpu())
             for stage, (kept, total) in target_counts(stats, batch).items():
                 counts = recall.setdefault(stage, [0, 0])
@@ -221,6 +226,7 @@ def _run(
         decode_tokens_per_s=decode_steps / decode_time if decode_time > 0 else 0.0,
         peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         kv_bytes=kv / n,
+        kv_bits_per_value=8 * kv / kv_held if kv_held else 0.0,
         answers=given,
     )
     return row, torch.cat(logprobs)
