@@ -175,21 +175,29 @@ def test_a_video_where_everything_changes_runs_as_stock(qwen):
         assert tokred.stats(qwen.model).encoder_patches["frames"] == tokred.stats(qwen.model).encoder_patches["input"]
 
 
-@pytest.mark.parametrize("recipe", ["temporal_dedup", "temporal_dedup+random:keep=0.5", "temporal_dedup+fastv"])
-def test_generate_batched_equals_alone_and_uncached(qwen, recipe):
-    videos = [clip(8, {4: (slice(0, 28), slice(0, 56))}), clip(8, {2: (slice(56, 112), slice(0, 28))}, seed=1)]
+RECIPES = ["temporal_dedup", "temporal_dedup+random:keep=0.5", "temporal_dedup+fastv"]
+
+
+def check_batched_equals_alone_and_uncached(tiny, recipe: str, videos: list[list[Image.Image]]) -> None:
+    """Two clips generate the same tokens batched (left-padded), alone, and without a cache."""
     texts = ["what moved?", "did anything in this clip move at all, and where?"]
-    batch = video_inputs(qwen, videos, texts)
+    batch = video_inputs(tiny, videos, texts)
     steps = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     width = batch["input_ids"].shape[1]
-    with tokred.patched(qwen.model, recipe):
-        together = qwen.model.generate(**batch, **steps)[:, width:]
-        uncached = qwen.model.generate(**batch, **steps, use_cache=False)[:, width:]
+    with tokred.patched(tiny.model, recipe):
+        together = tiny.model.generate(**batch, **steps)[:, width:]
+        uncached = tiny.model.generate(**batch, **steps, use_cache=False)[:, width:]
         for b in range(2):
-            alone = video_inputs(qwen, [videos[b]], [texts[b]])
-            ids = qwen.model.generate(**alone, **steps)[:, alone["input_ids"].shape[1] :]
+            alone = video_inputs(tiny, [videos[b]], [texts[b]])
+            ids = tiny.model.generate(**alone, **steps)[:, alone["input_ids"].shape[1] :]
             assert ids.tolist() == together[b : b + 1].tolist(), b
     assert torch.equal(together, uncached)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_generate_batched_equals_alone_and_uncached(qwen, recipe):
+    videos = [clip(8, {4: (slice(0, 28), slice(0, 56))}), clip(8, {2: (slice(56, 112), slice(0, 28))}, seed=1)]
+    check_batched_equals_alone_and_uncached(qwen, recipe, videos)
 
 
 def test_images_pass_untouched(qwen):

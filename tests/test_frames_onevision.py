@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import _tiny
 from PIL import Image
-from test_frames import llm_inputs
+from test_frames import RECIPES, check_batched_equals_alone_and_uncached, llm_inputs, video_inputs
 
 import tokred
 import tokred.adapters
@@ -34,13 +34,6 @@ def clip(frames: int, changed: dict[int, tuple[slice, slice]], seed: int = 0) ->
             current[rows, cols] = 255 - current[rows, cols]
         out.append(Image.fromarray(current))
     return out
-
-
-def video_inputs(tiny, videos: list[list[Image.Image]], texts: list[str] | None = None) -> dict:
-    texts = texts or ["what moved?"] * len(videos)
-    tiny.processor.tokenizer.padding_side = "left"
-    prompts = [tiny.prompt("video", text=t) for t in texts]
-    return tiny.processor(videos=videos, text=prompts, return_tensors="pt", padding=True)
 
 
 def video_positions(tiny, inputs: dict, b: int = 0) -> torch.Tensor:
@@ -94,21 +87,10 @@ def test_a_video_where_everything_changes_runs_as_stock(onevision):
     assert stats.encoder_patches["frames"] == stats.encoder_patches["input"] == [6 * 16]
 
 
-@pytest.mark.parametrize("recipe", ["temporal_dedup", "temporal_dedup+random:keep=0.5", "temporal_dedup+fastv"])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_generate_batched_equals_alone_and_uncached(onevision, recipe):
     videos = [clip(8, {4: (slice(0, 28), slice(0, 56))}), clip(8, {2: (slice(28, 56), slice(0, 28))}, seed=1)]
-    texts = ["what moved?", "did anything in this clip move at all, and where?"]
-    batch = video_inputs(onevision, videos, texts)
-    steps = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    width = batch["input_ids"].shape[1]
-    with tokred.patched(onevision.model, recipe):
-        together = onevision.model.generate(**batch, **steps)[:, width:]
-        uncached = onevision.model.generate(**batch, **steps, use_cache=False)[:, width:]
-        for b in range(2):
-            alone = video_inputs(onevision, [videos[b]], [texts[b]])
-            ids = onevision.model.generate(**alone, **steps)[:, alone["input_ids"].shape[1] :]
-            assert ids.tolist() == together[b : b + 1].tolist(), b
-    assert torch.equal(together, uncached)
+    check_batched_equals_alone_and_uncached(onevision, recipe, videos)
 
 
 def test_images_pass_untouched_and_a_failing_tower_leaves_nothing_behind(onevision):
