@@ -194,9 +194,14 @@ KERNEL_CASES = [  # shape, group, axis, dtype, strided: n and d not multiples of
 
 
 @needs_kernel
+# 64: a program takes one row or byte, several a group; 4096 (a compiled program's): several groups a program for
+# some shapes, the last program's partly past the end; None: the default (the interpreter's, fewer programs)
+@pytest.mark.parametrize("tile", [None, 64, 4096])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize(("shape", "group", "axis", "dtype", "strided"), KERNEL_CASES)
-def test_kernel_matches_reference_exactly(shape, group, axis, dtype, strided, bits):
+def test_kernel_matches_reference_exactly(monkeypatch, shape, group, axis, dtype, strided, bits, tile):
+    if tile:
+        monkeypatch.setattr(kv_pack, "TILE", tile)
     x = kv_like(shape, dtype)
     if strided:  # (..., n, H, D) -> (..., H, n, D) views, as transformers' layers pass keys and values
         x = x.reshape(*shape[:-2], shape[-2], 2, shape[-1] // 2).transpose(-3, -2)

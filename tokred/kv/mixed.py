@@ -6,18 +6,23 @@ A block of `group` tokens is encoded per sample and KV head:
   position order (`salient_mask`, one bit per token, says which were salient). Attention does not depend on the
   order of its keys, and per-channel scales do not depend on the order of a channel's tokens, so the store keeps
   this order (the fused attention permutes the key mask instead of the keys) and `dequantize` undoes it;
-- keys, per channel: the channels are ranked by their range (max - min over the block's tokens); the `anomalous`
-  widest are quantized to 2 bits per channel over the block (`high`), the rest are taken through the orthonormal
-  real DFT across those channels (`rdft`: per token, n real coefficients for n channels) and each coefficient is
-  quantized to 1 bit per channel over the block (`low`, `binary`: two levels, the means of the group's values below
-  and above its mean). `anomalous_mask` (one bit per channel) says which channels were wide; a block's channels are
-  stored wide ones first, each part in channel order;
+- keys, per channel: the channels are ranked by their range (max - min over the block's tokens, ties to the lower
+  channel); the `anomalous` widest are quantized to 2 bits per channel over the block (`high`), the rest are taken
+  through the orthonormal real DFT across those channels (`rdft`: per token, n real coefficients for n channels)
+  and each coefficient is quantized to 1 bit per channel over the block (`low`, `binary`: two levels, the means of
+  the group's values below and above its mean, summed in a fixed order). `anomalous_mask` (one bit per channel)
+  says which channels were wide; a block's channels are stored wide ones first, each part in channel order;
 - values, per channel: the block's non-salient tokens ternary (`values`: {min, mid, max} over those tokens, 5
   codes a byte), its salient tokens at `salient_bits` per token (`salient_values`: a scale and zero per token and
   head over its channels).
 
 Keys read back as the inverse DFT of the coefficients' levels, so a token's error over its 1-bit channels has the
 L2 norm of its coefficients' errors (the transform is orthonormal).
+
+The functions here are the torch reference of each step of the encode (`rank_channels`, `wide_keys`, `binary`,
+`split_values`); `tokred.kernels.kv_pack_mixed` has a Triton kernel for each, with the same bytes, which the layout
+runs where Triton does (`backend="auto"`). Choosing the salient tokens and the DFT (`narrow_coefficients`) stay
+torch on either path.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import tokred.kv.quant as quant
+from tokred.kernels import kv_pack_mixed
+from tokred.kernels.dispatch import resolve
 from tokred.kv.packing import pack, unpack
 from tokred.kv.quant import TERNARY, Quantized
 from tokred.kv.store import Batchwise, cat_quantized, first_quantized, map_quantized
@@ -61,23 +69,89 @@ def irdft(c: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(spectrum, n, norm="ortho")
 
 
+def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """float32 sums of x along `dim` in a fixed order: zero-padded to a power of two, then adjacent pairs added,
+    level by level. torch's own reductions leave their order (so their rounding) unspecified; a kernel can repeat
+    this one exactly."""
+    x = x.float().movedim(dim, -1)
+    size = x.shape[-1]
+    x = F.pad(x, (0, (1 << max(size - 1, 0).bit_length()) - size))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x.squeeze(-1)
+
+
 def binary(x: torch.Tensor, group: int) -> Quantized:
     """x (..., n, d) quantized to 1 bit per channel and `group` tokens: code 1 where a value is at or above its
     group's mean; the two levels are the means of the group's values below and at-or-above it (float16 zero = the
-    lower, scale = their gap), the mean-squared-error-optimal levels for that split. Stored as any 1-bit
-    `Quantized`, so `quant.dequantize` and the fused attention read it unchanged."""
+    lower, scale = their gap), the mean-squared-error-optimal levels for that split. Sums are `pairwise_sum`s. Stored
+    as any 1-bit `Quantized`, so `quant.dequantize` and the fused attention read it unchanged."""
     quant.group_dim(x.shape, group, "channel")
     *lead, n, d = x.shape
     grouped = x.float().reshape(*lead, n // group, group, d)
-    above = grouped >= grouped.mean(-2, keepdim=True)
+    above = grouped >= (pairwise_sum(grouped, -2) / group).unsqueeze(-2)
     count = above.sum(-2)
-    high = (grouped * above).sum(-2) / count.clamp_min(1)
-    low = (grouped * ~above).sum(-2) / (group - count).clamp_min(1)
+    high = pairwise_sum(torch.where(above, grouped, 0.0), -2) / count.clamp_min(1)
+    low = pairwise_sum(torch.where(above, 0.0, grouped), -2) / (group - count).clamp_min(1)
     low = torch.where(count == group, high, low)  # a constant group: both levels its value
     zero = low.half()
     scale = (high - zero.float()).half()
     packed = pack(above.reshape(x.shape).to(torch.uint8), 1)
     return Quantized(packed, scale, zero, 1, group, "channel", x.shape)
+
+
+def rank_channels(keys: torch.Tensor, group: int, wide: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's channels of keys (B, H, n, d) ranked by range over its `group` tokens, widest first (ties to the
+    lower channel): (B, H, n / g, d) long, the order a block stores its channels in (the `wide` widest first, then
+    the others, each part in channel order), and the wide flags packed a bit each, uint8 (B, H, n / g, ceil(d / 8))."""
+    batch, heads, n, dim = keys.shape
+    blocks = keys.float().reshape(batch, heads, n // group, group, dim)
+    spread = blocks.amax(3) - blocks.amin(3)
+    widest = spread.argsort(dim=-1, descending=True, stable=True)[..., :wide]
+    anomalous = torch.zeros_like(spread, dtype=torch.bool).scatter_(-1, widest, True)
+    return _channel_order(anomalous), pack(anomalous.to(torch.uint8), 1)
+
+
+def _gathered(x: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x (B, H, n, d) at its stored rows (token rows[b, i] at row i) and, where given, channels (B, H, n / g, k):
+    (B, H, n, k), channel j of block k being x's channels[..., k, j] (else all d channels)."""
+    batch, heads = x.shape[:2]
+    sample = torch.arange(batch, device=x.device).view(batch, 1, 1)
+    head = torch.arange(heads, device=x.device).view(1, heads, 1)
+    if channels is None:
+        return x[sample, head, rows[:, None, :]]
+    picked = channels.repeat_interleave(group, dim=2)
+    return x[sample[..., None], head[..., None], rows[:, None, :, None], picked]
+
+
+def wide_keys(keys: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, wide: int, group: int) -> Quantized:
+    """The stored keys' wide channels (B, H, n, wide), the first `wide` of each block's `order`, at 2 bits per
+    channel over a block."""
+    return quant.quantize(_gathered(keys, rows, order[..., :wide], group), 2, group, "channel")
+
+
+def narrow_coefficients(
+    keys: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, wide: int, group: int
+) -> torch.Tensor:
+    """float32 (B, H, n, d - wide): the `rdft` of each stored key's narrow channels (the rest of `order`), what
+    `binary` quantizes; torch on either path."""
+    return rdft(_gathered(keys, rows, order[..., wide:], group))
+
+
+def split_values(
+    values: torch.Tensor, rows: torch.Tensor, group: int, salient: int, bits: int
+) -> tuple[Quantized, Quantized]:
+    """Each block's stored values (rows in `rows` order): its first g - `salient` (plain) ternary per channel over
+    the block, (B, H, n / g * (g - s), d), and its last `salient` at `bits` per token, (B, H, n / g * s, d)."""
+    batch, heads, n, dim = values.shape
+    blocks, kept = n // group, group - salient
+    stored = _gathered(values, rows, None, group).view(batch, heads, blocks, group, dim)
+    plain, protected = (x.reshape(batch, heads, -1, dim) for x in stored.split([kept, salient], dim=3))
+    return quant.quantize(plain, TERNARY, max(kept, 1), "channel"), quant.quantize(protected, bits, dim, "token")
+
+
+STEPS = (rank_channels, wide_keys, binary, split_values)
+"""The encode's quantizing steps in torch; `tokred.kernels.kv_pack_mixed.STEPS` are the same in Triton."""
 
 
 def key_salience(keys: torch.Tensor) -> torch.Tensor:
@@ -111,32 +185,25 @@ class MixedLayout:
     def score(self, keys: torch.Tensor) -> torch.Tensor:
         return key_salience(keys)
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None) -> MixedStore:
-        batch, heads, n, dim = keys.shape
-        blocks, group, wide = n // self.group, self.group, self.anomalous
-        salient = torch.zeros(batch, blocks, group, dtype=torch.bool, device=keys.device)
+    def encode(
+        self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None, backend: str = "auto"
+    ) -> MixedStore:
+        batch, n = keys.shape[0], keys.shape[2]
+        group, wide = self.group, self.anomalous
+        salient = torch.zeros(batch, n // group, group, dtype=torch.bool, device=keys.device)
         if self.salient:
-            top = scores.float().view(batch, blocks, group).topk(self.salient, dim=-1).indices
+            top = scores.float().view(batch, n // group, group).topk(self.salient, dim=-1).indices
             salient.scatter_(-1, top, True)
-        rows = _token_rows(salient).view(batch, 1, n, 1).expand(batch, heads, n, dim)
-        keys, values = keys.float().gather(2, rows), values.float().gather(2, rows)
-
-        spread = keys.view(batch, heads, blocks, group, dim)
-        spread = spread.amax(3) - spread.amin(3)
-        anomalous = torch.zeros_like(spread, dtype=torch.bool).scatter_(-1, spread.topk(wide, dim=-1).indices, True)
-        channels = _channel_order(anomalous)[:, :, :, None, :].expand(batch, heads, blocks, group, dim)
-        keys = keys.view(batch, heads, blocks, group, dim).gather(-1, channels).view(batch, heads, n, dim)
-
-        kept = group - self.salient
-        values = values.view(batch, heads, blocks, group, dim)
-        plain, protected = (x.reshape(batch, heads, -1, dim) for x in values.split([kept, self.salient], dim=3))
+        rows = _token_rows(salient)
+        steps = kv_pack_mixed.STEPS if resolve(backend, keys, values) == "triton" else STEPS
+        rank, wide_part, one_bit, split = steps
+        order, anomalous = rank(keys, group, wide)
         return MixedStore(
             self,
-            quant.quantize(keys[..., :wide], 2, group, "channel"),
-            binary(rdft(keys[..., wide:]), group),
-            quant.quantize(plain, TERNARY, max(kept, 1), "channel"),
-            quant.quantize(protected, self.salient_bits, dim, "token"),
-            pack(anomalous.to(torch.uint8), 1),
+            wide_part(keys, rows, order, wide, group),
+            one_bit(narrow_coefficients(keys, rows, order, wide, group), group),
+            *split(values, rows, group, self.salient, self.salient_bits),
+            anomalous,
             pack(salient.to(torch.uint8), 1),
         )
 

@@ -5,6 +5,11 @@ the stores of its blocks with `cat`, and reads them back with `dequantize` (the 
 fused decode attention (`tokred.kernels.kv_attention`), which reads them packed. Every tensor a store holds is
 batch-first, so beam search reorders it with `batch_map`. Two layouts exist: `GroupedLayout` here (each of keys and
 values one `Quantized`, grouped per channel or per token) and VidKV's mixed one (`tokred.kv.mixed`).
+
+A layout's `encode` quantizes with the Triton quantize-and-pack kernels where they run (`backend="auto"`: CUDA
+tensors, or TRITON_INTERPRET=1) and with the torch reference elsewhere, to the same bytes. The kernels import this
+package's quantization (`tokred.kv.quant`), so a layout reaches them as `tokred.kernels.<module>` attributes at
+call time (the import resolves while either package is still loading).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Protocol
 import torch
 
 import tokred.kv.quant as quant
+from tokred.kernels import kv_pack
 from tokred.kv.quant import Quantized
 
 Batchwise = Callable[[torch.Tensor], torch.Tensor]
@@ -55,9 +61,11 @@ class Layout(Protocol):
     def score(self, keys: torch.Tensor) -> torch.Tensor:
         """(B, n) how salient each of a prompt's tokens is, from the layer's keys (B, heads, n, head dim) alone."""
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None) -> Store:
+    def encode(
+        self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None, backend: str = "auto"
+    ) -> Store:
         """A store of keys and values (B, heads, n, head dim), n a multiple of `block`; `scores` (B, n) where
-        `scored`."""
+        `scored`. backend: "auto" (Triton where it runs, else torch), "triton" or "torch"; the same bytes."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,12 @@ class GroupedLayout:
     def score(self, keys: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("a grouped layout ranks no tokens")
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None) -> GroupedStore:
+    def encode(
+        self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None, backend: str = "auto"
+    ) -> GroupedStore:
         return GroupedStore(
-            quant.quantize(keys, self.bits, self.group, self.key_axis),
-            quant.quantize(values, self.bits, self.group, self.value_axis),
+            kv_pack.quantize_pack(keys, self.bits, self.group, self.key_axis, backend=backend),
+            kv_pack.quantize_pack(values, self.bits, self.group, self.value_axis, backend=backend),
         )
 
 
