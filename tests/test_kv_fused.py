@@ -162,3 +162,19 @@ def test_a_multi_token_step_over_a_store_keeps_the_torch_path(tiny, kernel_calls
     assert len(kernel_calls) == len(cache.layers)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_stats_report_the_cache_bytes_against_a_bf16_cache(tiny):
+    """After generate, stats hold the quantized cache's bytes and a bf16 DynamicCache's of the same tokens."""
+    inputs = tiny.batch()
+    with tokred.patched(tiny.model, tokred.KIVI(bits=2, group=8, residual=8)):
+        out = tiny.model.generate(
+            **inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True
+        )
+        counted = tokred.stats(tiny.model).kv_bytes
+    cache = compat.output_cache(out)
+    config = tiny.model.config.get_text_config(decoder=True)
+    heads = config.num_key_value_heads
+    tokens = sum(layer.get_seq_length() for layer in cache.layers)
+    assert counted == {"cache": cache.nbytes(), "bf16": 2 * 2 * 2 * heads * cache.layers[0].keys.shape[-1] * tokens}
+    assert 8 * counted["cache"] / (counted["bf16"] // 2) == cache.bits_per_value() < 16

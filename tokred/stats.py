@@ -22,6 +22,8 @@ class Stats:
     image or video, in sequence order; its tokens are that sample's "input" positions, in raster order.
     encoder_patches: with a frames stage, the patches of each video of the batch (in batch and sequence order)
     that the vision tower was given ("input") and that it encoded ("frames").
+    kv_bytes: with a kv stage, after each forward of the call over its quantized cache: the bytes the cache holds
+    all in ("cache") and what a bf16 DynamicCache of the same tokens would hold ("bf16").
     """
 
     vision_tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -30,6 +32,7 @@ class Stats:
     seq_len: dict[int, list[int]] = field(default_factory=dict)
     media: list[list[tuple[str, tuple[int, int, int] | None]]] = field(default_factory=list)
     encoder_patches: dict[str, list[int]] = field(default_factory=dict)
+    kv_bytes: dict[str, int] = field(default_factory=dict)
 
     def record(self, stage: str, positions: list[torch.Tensor]) -> None:
         self.kept_positions[stage] = [p.sort().values.cpu() for p in positions]

@@ -31,6 +31,7 @@ from tokred import compat
 from tokred.adapters.base import Adapter
 from tokred.kernels.kv_attention import store_attention
 from tokred.kv import QuantizedKVCache, QuantizedKVLayer
+from tokred.measure import kv_values
 from tokred.methods.base import KVScheme
 from tokred.stages.base import Stage, runtime
 from tokred.stages.call import LAST_QUERY, Call
@@ -75,7 +76,19 @@ class KVStage(Stage):
             hook = functools.partial(_mark, index=index, name=compat.cache_argument(attention))
             undo.append(attention.register_forward_pre_hook(hook, with_kwargs=True).remove)
             undo.append(attention.register_forward_hook(_unmark, always_call=True).remove)
+        llm = self.adapter.language_model
+        undo.append(llm.register_forward_hook(self._count, with_kwargs=True).remove)
         return undo
+
+    def _count(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        """After each LLM forward over a tokred quantized cache: its bytes, and a bf16 DynamicCache's, in stats."""
+        call = self.current()
+        arguments = compat.forward_arguments(module, args, kwargs)
+        cache = compat.passed_cache(arguments, self.llm_cache_name)
+        if call is None or not isinstance(cache, QuantizedKVCache):
+            return
+        values = kv_values(cache, self.adapter.text_config, cache.layers[0].keys.shape[0])
+        call.stats.kv_bytes = {"cache": cache.nbytes(), "bf16": 2 * values}
 
     def generate(self, kwargs: dict[str, Any]) -> None:
         """Pass a fresh cache of the scheme, unless the call brings its own, asks for a cache implementation
