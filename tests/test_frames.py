@@ -71,9 +71,9 @@ def qwen(request, zoo_root):
     return _tiny(request.param, zoo_root)
 
 
-def clip(frames: int, changed: dict[int, tuple[slice, slice]], seed: int = 0) -> list[Image.Image]:
-    """A noise picture repeated `frames` times; from frame f on, the region changed[f] is inverted."""
-    base = np.random.default_rng(seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+def clip(frames: int, changed: dict[int, tuple[slice, slice]], seed: int = 0, size: int = 112) -> list[Image.Image]:
+    """A `size` px noise picture repeated `frames` times; from frame f on, the region changed[f] is inverted."""
+    base = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     out, current = [], base.copy()
     for f in range(frames):
         if f in changed:

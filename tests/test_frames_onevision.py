@@ -10,6 +10,7 @@ import torch
 from conftest import _tiny
 from PIL import Image
 from test_frames import RECIPES, check_batched_equals_alone_and_uncached, llm_inputs, video_inputs
+from test_frames import clip as frames_clip
 
 import tokred
 import tokred.adapters
@@ -24,16 +25,8 @@ def onevision(zoo_root):
 
 
 def clip(frames: int, changed: dict[int, tuple[slice, slice]], seed: int = 0) -> list[Image.Image]:
-    """A 56 px noise picture repeated `frames` times; from frame f on, the region changed[f] is inverted."""
-    base = np.random.default_rng(seed).integers(0, 256, (56, 56, 3), dtype=np.uint8)
-    out, current = [], base.copy()
-    for f in range(frames):
-        if f in changed:
-            rows, cols = changed[f]
-            current = current.copy()
-            current[rows, cols] = 255 - current[rows, cols]
-        out.append(Image.fromarray(current))
-    return out
+    """`test_frames.clip` at the tiny model's 56 px frames."""
+    return frames_clip(frames, changed, seed, size=56)
 
 
 def video_positions(tiny, inputs: dict, b: int = 0) -> torch.Tensor:
